@@ -1,0 +1,43 @@
+"""``echo``: a diagnostic model that returns each micro-turn's input audio as that micro-turn's output.
+
+Its caption is the input level, so a person (or a test) can see that the gateway hears them, and typed text is
+echoed back as a caption too. It keeps no state beyond a set of open sessions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from microturn.contracts import MicroTurn, MicroTurnOutput, OutputEvent
+
+
+def rms_dbfs(audio: np.ndarray) -> float:
+    """RMS level of float audio in dBFS (−100 for digital silence)."""
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
+    return max(-100.0, 20 * np.log10(rms)) if rms > 0 else -100.0
+
+
+class EchoModel:
+    """A :class:`~microturn.contracts.ModelBackend` that echoes audio and reports its level."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.sessions: set[str] = set()
+
+    def open(self, session_id: str, seed: int) -> None:
+        self.sessions.add(session_id)
+
+    def close(self, session_id: str) -> None:
+        self.sessions.discard(session_id)
+
+    def step(self, turns: list[MicroTurn]) -> list[MicroTurnOutput]:
+        outputs = []
+        for turn in turns:
+            level = rms_dbfs(turn.audio)
+            caption = f"[{turn.index}] {level:.0f} dBFS"
+            if turn.text:
+                caption += " · you wrote: " + " ".join(turn.text)
+            events = tuple(OutputEvent("control", {"name": e.name}) for e in turn.events)
+            outputs.append(MicroTurnOutput(turn.session_id, turn.index, turn.audio.copy(), caption, events))
+        return outputs

@@ -1,0 +1,24 @@
+"""Which model backs an engine: a name (and a checkpoint) to a :class:`~microturn.contracts.ModelBackend`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from microturn.contracts import ModelBackend
+
+MODELS = ("echo", "reference")
+
+
+def load_backend(name: str, checkpoint: Path | None = None, device: str = "cpu") -> ModelBackend:
+    """Build the named model; ``reference`` loads ``checkpoint`` (a folder from ``microturn model init``)."""
+    if name == "echo":
+        from inference.echo import EchoModel
+
+        return EchoModel()
+    if name == "reference":
+        from inference.reference import ReferenceModel
+
+        if checkpoint is None:
+            raise ValueError("--model reference needs --checkpoint DIR (make one with `microturn model init`)")
+        return ReferenceModel.from_checkpoint(checkpoint, device=device)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
