@@ -1,0 +1,137 @@
+"""The reference interaction model: embeddings → decoder-only MoE transformer → text head and flow head.
+
+Pure structure, read top to bottom: norm → rotary embedding → attention → block → model. ``forward`` takes a packed
+ragged batch (the new tokens of many sessions, concatenated, no padding) and an
+:class:`~inference.kv_cache.AttentionPlan` saying which rows belong to which sequence and where their keys live; it
+knows nothing about sessions. Training and inference run this same code: training gives whole sequences with no
+cache, the engine gives a micro-turn's tokens with each session's cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.config import ModelConfig
+from inference.flow_head import FlowHead
+from inference.kv_cache import AttentionPlan
+from inference.layout import AUDIO_IN, AUDIO_OUT, PATCH, TEXT, Tokens
+from inference.moe import MoE, Routing
+from inference.video import PatchStem
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for absolute ``positions`` (N,) → two (N, 1, head_dim / 2); angles in float64, exact at any
+    position a long session reaches."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.double()[:, None] * inv_freq[None]  # (N, D/2)
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (N, H, D) pairs (x[..., :D/2], x[..., D/2:])."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over each sequence's kept keys (its cache, or its own tokens)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_heads, self.head_dim = layer, cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: AttentionPlan
+                ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.n_heads, self.head_dim).unbind(1)  # 3 × (N, H, D)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = torch.empty_like(q)
+        for span in plan.spans:
+            rows = slice(span.start, span.end)
+            qs = q[rows].transpose(0, 1)  # (H, T, D)
+            if span.cache is None or span.slots is None:
+                ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (H, T, D)
+            else:
+                span.cache.k[self.layer].index_copy_(1, span.slots, k[rows].transpose(0, 1))
+                span.cache.v[self.layer].index_copy_(1, span.slots, v[rows].transpose(0, 1))
+                ks = span.cache.k[self.layer, :, :span.used]  # (H, used, D)
+                vs = span.cache.v[self.layer, :, :span.used]
+            out[rows] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask).transpose(0, 1)
+        return self.proj(out.reshape(n, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = RMSNorm(cfg.d_model)
+        self.moe = MoE(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert, cfg.d_shared)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: AttentionPlan
+                ) -> tuple[torch.Tensor, Routing]:
+        x = x + self.attn(self.norm1(x), rope, plan)
+        y, routing = self.moe(self.norm2(x))
+        return x + y, routing
+
+
+class ReferenceNet(nn.Module):
+    """Embeddings, trunk, text head and flow head of the reference interaction model."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.text_emb = nn.Embedding(cfg.vocab_size, d)
+        # dMel: one small embedding per (channel, bin), concatenated over channels and frames, then projected
+        self.bin_emb = nn.Embedding(cfg.n_mels * cfg.dmel_bins, cfg.dmel_bin_dim)
+        self.dmel_proj = nn.Linear(cfg.frames_per_token * cfg.n_mels * cfg.dmel_bin_dim, d)
+        self.source = nn.Embedding(2, d)  # who made an audio token: 0 the user, 1 the model itself
+        self.stem = PatchStem(d, cfg.stem_dims)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(d)
+        self.text_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.flow = FlowHead(d, cfg.frames_per_turn, cfg.n_mels, cfg.flow_dim, cfg.flow_layers)
+        self.register_buffer("channel_offset", torch.arange(cfg.n_mels) * cfg.dmel_bins, persistent=False)
+        self.channel_offset: torch.Tensor
+
+    def embed(self, tokens: Tokens) -> torch.Tensor:
+        """(N,) mixed tokens → (N, d)."""
+        x = torch.zeros(len(tokens), self.cfg.d_model, device=self.text_emb.weight.device)
+        text_rows = (tokens.kind == TEXT).nonzero().squeeze(1)
+        audio_rows = ((tokens.kind == AUDIO_IN) | (tokens.kind == AUDIO_OUT)).nonzero().squeeze(1)
+        patch_rows = (tokens.kind == PATCH).nonzero().squeeze(1)
+        x = x.index_put((text_rows,), self.text_emb(tokens.text[text_rows]))
+        if len(audio_rows):
+            bins = self.bin_emb(tokens.dmel + self.channel_offset)  # (Na, G, M, e)
+            audio = self.dmel_proj(bins.flatten(1)) + self.source(tokens.kind[audio_rows] - AUDIO_IN)
+            x = x.index_put((audio_rows,), audio)
+        if len(patch_rows):
+            x = x.index_put((patch_rows,), self.stem(tokens.patches, tokens.grid))
+        return x
+
+    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, list[Routing]]:
+        """(N, d) embedded rows → (N, d) final hidden states, and each layer's routing."""
+        rope = rope_tables(plan.positions, self.cfg.head_dim, self.cfg.rope_base)
+        routings = []
+        for block in self.blocks:
+            x, routing = block(x, rope, plan)
+            routings.append(routing)
+        return self.norm(x), routings
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.text_head(h)

@@ -1,0 +1,134 @@
+"""The ``microturn`` command line.
+
+``microturn serve`` runs the all-in-one gateway; ``microturn probe`` is a browser-like client; ``microturn bench``
+measures; ``microturn model`` makes checkpoints. Every ``serve`` flag can also be set by a ``MICROTURN_*``
+environment variable (see :mod:`microturn.config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from microturn.config import Settings
+    from webrtc_gateway.app import create_app
+
+    settings = Settings.from_env(
+        host=args.host, port=args.port, model=args.model, checkpoint=args.checkpoint, device=args.device,
+        redis=args.redis, token_secret=args.token_secret,
+        allowed_origins=tuple(args.allowed_origins.split(",")) if args.allowed_origins else None,
+        ice_servers=tuple(args.ice_servers.split(",")) if args.ice_servers else None,
+        ice_host_addresses=tuple(args.ice_host.split(",")) if args.ice_host else None,
+        log_level=args.log_level,
+    )
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"microturn: serving model {settings.model!r} on http://{settings.host}:{settings.port}/",
+          file=sys.stderr, flush=True)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                shutdown_timeout=5)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from microturn.probe import run_probe
+
+    texts = []
+    for item in args.text or []:
+        text, _, at = item.rpartition("@")
+        if not text:
+            raise SystemExit(f"--text wants TEXT@SECONDS, got {item!r}")
+        texts.append((text, float(at)))
+    result = asyncio.run(run_probe(args.url, args.inp, args.out, video=args.video, texts=texts,
+                                   tail_s=args.tail, loss=args.loss, ice_host=args.ice_host))
+    print(json.dumps(result))
+    return 0 if not result["errors"] else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "gateway":
+        from microturn.bench_gateway import bench_gateway
+
+        result = bench_gateway(sessions=args.sessions, seconds=args.seconds, video=args.video,
+                               processes=args.processes)
+    else:
+        from inference.bench_engine import bench_engine
+
+        result = bench_engine(preset=args.preset, device=args.device)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from inference.checkpoint import init_checkpoint
+
+    path = init_checkpoint(args.preset, args.out, seed=args.seed)
+    print(f"wrote a randomly initialised {args.preset!r} checkpoint to {path}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microturn", description=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway with an in-process engine")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", choices=["echo", "reference"])
+    serve.add_argument("--checkpoint", type=Path, help="checkpoint folder for --model reference")
+    serve.add_argument("--device", help="torch device for the model (cpu, cuda)")
+    serve.add_argument("--redis", help="redis://HOST:PORT/DB for session records (default: in memory)")
+    serve.add_argument("--token-secret", help="HMAC secret for session tokens (share it between gateways)")
+    serve.add_argument("--allowed-origins", help="comma-separated browser origins allowed to call the API")
+    serve.add_argument("--ice-servers", help="comma-separated STUN/TURN URLs handed to browsers")
+    serve.add_argument("--ice-host", help="comma-separated local addresses to offer as ICE host candidates")
+    serve.add_argument("--log-level")
+    serve.set_defaults(func=_serve)
+
+    probe = sub.add_parser("probe", help="stream a WAV to a gateway like a browser and record the reply")
+    probe.add_argument("url", help="gateway base URL, e.g. http://127.0.0.1:8080")
+    probe.add_argument("--in", dest="inp", type=Path, required=True, help="input WAV (any rate and channels)")
+    probe.add_argument("--out", type=Path, required=True, help="output WAV, time-aligned with the input")
+    probe.add_argument("--video", type=Path, help="an image or video file to show on the camera")
+    probe.add_argument("--text", action="append", help='typed text to send, "TEXT@SECONDS" (repeatable)')
+    probe.add_argument("--tail", type=float, default=1.0, help="seconds to keep recording after the input ends")
+    probe.add_argument("--loss", type=float, default=0.0, help="fraction of uplink audio packets to drop")
+    probe.add_argument("--ice-host", help="local address for ICE host candidates (default: loopback for a "
+                       "loopback URL, else every interface)")
+    probe.set_defaults(func=_probe)
+
+    bench = sub.add_parser("bench", help="measure the gateway or the engine; prints JSON")
+    bench.add_argument("what", choices=["gateway", "engine"])
+    bench.add_argument("--sessions", type=int, default=1)
+    bench.add_argument("--seconds", type=float, default=20.0)
+    bench.add_argument("--video", action="store_true", help="gateway: clients also send video")
+    bench.add_argument("--processes", type=int, default=2, help="gateway: load-client processes")
+    bench.add_argument("--preset", default="tiny", help="engine: model preset")
+    bench.add_argument("--device", default="cpu", help="engine: torch device")
+    bench.add_argument("--json", action="store_true", help="one line of JSON")
+    bench.set_defaults(func=_bench)
+
+    model = sub.add_parser("model", help="make model checkpoints")
+    model_sub = model.add_subparsers(dest="action", required=True)
+    init = model_sub.add_parser("init", help="write a randomly initialised checkpoint")
+    init.add_argument("--preset", default="tiny")
+    init.add_argument("--out", type=Path, required=True)
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

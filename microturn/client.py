@@ -1,0 +1,230 @@
+"""An aiortc client that behaves like a browser: the engine of ``microturn probe``, the benchmarks and the tests.
+
+It creates a session over HTTP, sends a microphone track that plays a given 48 kHz mono signal in real time (and
+optionally a camera track), opens the ``microturn`` data channel, and records what comes back:
+
+- audio, placed on a timeline whose sample 0 is the moment the first input sample was "captured" (the real-time
+  clock of the microphone), using each received frame's RTP timestamp plus one playout offset — the 95th percentile
+  of (arrival time − media time) over all frames, as a playout buffer that loses 5 % of frames to lateness would
+  choose;
+- every data-channel message, with its arrival time on the same clock.
+
+Like the gateway, it hands inbound audio to the decoder without aiortc's 80 ms jitter buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+from aiortc.rtp import RtpPacket
+
+from webrtc_gateway.ingest import frame_to_mono
+from webrtc_gateway.jitter import use_pass_through
+
+RATE = 48_000
+FRAME = 960
+
+
+class SignalTrack(MediaStreamTrack):
+    """A microphone that plays ``signal`` (48 kHz mono float) in real time, then silence.
+
+    Frame ``n`` (samples ``[n*960, (n+1)*960)``) is returned at ``start + (n+1) * 20 ms``, when its last sample has
+    been "captured"; ``start`` is the capture time of sample 0.
+    """
+
+    kind = "audio"
+
+    def __init__(self, signal: np.ndarray) -> None:
+        super().__init__()
+        self.signal = signal.astype(np.float32)
+        self.start: float | None = None
+        self._n = 0
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.start is None:
+            self.start = time.monotonic()
+        due = self.start + (self._n + 1) * FRAME / RATE
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        chunk = self.signal[self._n * FRAME:(self._n + 1) * FRAME]
+        pcm = np.zeros(FRAME, np.int16)
+        pcm[:len(chunk)] = (np.clip(chunk, -1, 1) * 32767).astype(np.int16)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME)
+        frame.planes[0].update(pcm.tobytes())
+        frame.sample_rate, frame.pts, frame.time_base = RATE, self._n * FRAME, fractions.Fraction(1, RATE)
+        self._n += 1
+        return frame
+
+
+class StillCameraTrack(VideoStreamTrack):
+    """A camera showing a fixed RGB picture at 5 frames per second."""
+
+    def __init__(self, picture: np.ndarray) -> None:
+        super().__init__()
+        self.picture = picture
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        await asyncio.sleep(0.2 - 1 / 30)  # VideoStreamTrack paces 30 fps; slow it to 5
+        frame = av.VideoFrame.from_ndarray(self.picture, format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+@dataclass
+class Received:
+    frames: list[tuple[float, int, np.ndarray]] = field(default_factory=list)  # (monotonic arrival, pts, mono)
+    messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (mic-clock arrival, message)
+
+
+class ProbeClient:
+    """One browser-like session against a gateway at ``base_url``."""
+
+    def __init__(self, base_url: str, signal: np.ndarray, picture: np.ndarray | None = None,
+                 loss: float = 0.0, seed: int = 0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.mic = SignalTrack(signal)
+        self.camera = StillCameraTrack(picture) if picture is not None else None
+        self.loss = loss
+        self.dropped_packets = 0
+        self.session_id = ""
+        self.token = ""
+        self.received = Received()
+        self.errors: list[str] = []
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.channel = self.pc.createDataChannel("microturn")
+        self.channel_open = asyncio.Event()
+        self._rng = random.Random(seed)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def now(self) -> float:
+        """Seconds on the microphone's clock (0 = capture of the first input sample)."""
+        start = self.mic.start
+        return time.monotonic() - start if start is not None else -1.0
+
+    async def connect(self) -> None:
+        self._http = aiohttp.ClientSession()
+        async with self._http.post(f"{self.base_url}/v1/sessions", json={}) as resp:
+            body = await resp.json()
+            if resp.status != 201:
+                raise RuntimeError(f"session refused: {resp.status} {body}")
+        self.session_id, self.token = body["session_id"], body["token"]
+        self.pc.addTrack(self.mic)
+        if self.camera is not None:
+            self.pc.addTrack(self.camera)
+        self.pc.on("track", self._on_track)
+        self.channel.on("open", self.channel_open.set)
+        self.channel.on("message", self._on_message)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with self._http.post(f"{self.base_url}/v1/sessions/{self.session_id}/offer", headers=self.headers,
+                                   json={"type": "offer", "sdp": self.pc.localDescription.sdp}) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"offer refused: {resp.status} {answer}")
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        if self.loss > 0:
+            self._impair_uplink()
+        await asyncio.wait_for(self.channel_open.wait(), 15)
+
+    def _impair_uplink(self) -> None:
+        """Drop a fraction of outgoing audio RTP packets, as a lossy network would."""
+        sender = next(s for s in self.pc.getSenders() if s.track is self.mic)
+        transport = sender.transport
+        send = transport._send_rtp
+        ssrc = sender._ssrc
+
+        async def lossy_send(data: bytes) -> None:
+            packet = RtpPacket.parse(data) if data[1] < 192 or data[1] > 223 else None
+            if packet is not None and packet.ssrc == ssrc and self._rng.random() < self.loss:
+                self.dropped_packets += 1
+                return
+            await send(data)
+
+        transport._send_rtp = lossy_send
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
+            use_pass_through(receiver)
+            self._tasks.append(asyncio.ensure_future(self._record(track)))
+
+    async def _record(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, av.AudioFrame)
+                self.received.frames.append((time.monotonic(), int(frame.pts or 0), frame_to_mono(frame)))
+
+    def _on_message(self, raw: str | bytes) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            self.errors.append(f"unparseable message {raw!r:.80}")
+            return
+        self.received.messages.append((self.now(), message))
+        if message.get("type") == "error":
+            self.errors.append(f"{message.get('code')}: {message.get('message')}")
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.channel.send(json.dumps(message))
+
+    async def state(self) -> dict[str, Any]:
+        assert self._http is not None
+        async with self._http.get(f"{self.base_url}/v1/sessions/{self.session_id}", headers=self.headers) as r:
+            result: dict[str, Any] = await r.json()
+            return result
+
+    async def close(self, delete: bool = True) -> None:
+        if delete and self._http is not None and self.session_id:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with self._http.delete(f"{self.base_url}/v1/sessions/{self.session_id}",
+                                             headers=self.headers):
+                    pass
+        for task in self._tasks:
+            task.cancel()
+        await self.pc.close()
+        if self._http is not None:
+            await self._http.close()
+
+    def output(self, seconds: float) -> np.ndarray:
+        """Received audio (48 kHz mono) on the microphone's clock, ``seconds`` long."""
+        out = np.zeros(int(seconds * RATE), np.float32)
+        frames = self.received.frames
+        if not frames:
+            return out
+        start0 = self.mic.start or 0.0
+        offsets = np.array([arrival - start0 - pts / RATE for arrival, pts, _ in frames])
+        offset = float(np.quantile(offsets, 0.95))
+        for _, pts, pcm in frames:
+            start = int(round((pts / RATE + offset) * RATE))
+            lo, hi = max(start, 0), min(start + len(pcm), len(out))
+            if hi > lo:
+                out[lo:hi] = pcm[lo - start:hi - start]
+        return out
+
+    def captions(self) -> list[dict[str, Any]]:
+        return [m for _, m in self.received.messages if m.get("type") == "caption"]
+
+
+def rms_envelope(audio: np.ndarray, rate: int, window_s: float = 0.02) -> np.ndarray:
+    n = int(rate * window_s)
+    usable = len(audio) // n * n
+    return np.sqrt(np.mean(np.square(audio[:usable].reshape(-1, n)), axis=1))

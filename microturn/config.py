@@ -1,0 +1,69 @@
+"""All of microturn's settings, in one typed place.
+
+Defaults are the embedded ones (in-process engine, in-memory state, the echo model). Each field can be overridden by an environment variable ``MICROTURN_<FIELD>`` (upper case) and then by the
+matching command-line flag; :func:`Settings.from_env` applies the first, :mod:`microturn.cli` the second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Settings:
+    """Gateway and engine settings."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model: str = "echo"  # echo | reference
+    checkpoint: Path | None = None  # folder with config.json + model.safetensors (reference model)
+    device: str = "cpu"
+    redis: str | None = None  # redis://host:port/db; None keeps session records in memory
+    gateway_id: str = field(default_factory=lambda: "gw-" + secrets.token_hex(4))
+    token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # HMAC key for session tokens
+    token_ttl_s: int = 600  # how long a session token may be used to connect
+    ice_servers: tuple[str, ...] = ()  # e.g. stun:stun.example.org:3478; empty for loopback/LAN
+    ice_host_addresses: tuple[str, ...] = ()  # host candidates to offer; empty: every interface but loopback
+    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed to call the API; empty: same origin only
+    max_sessions: int = 64
+    max_sdp_bytes: int = 32_768
+    max_message_bytes: int = 4_096  # largest data-channel message accepted
+    max_text_chars: int = 2_000
+    deadline_grace_ms: int = 60  # how long after its media end a micro-turn waits for late packets
+    idle_timeout_s: float = 30.0  # a connected session whose media stops this long is closed
+    connect_timeout_s: float = 30.0  # a session whose peer never connects is closed after this
+    tick_budget_ms: float = 150.0  # a micro-turn slower than this from submit to output is reported late
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``MICROTURN_*`` environment variables, then ``overrides`` (values that are not None)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get("MICROTURN_" + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(f.type)
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if "Path" in kind:
+        return Path(raw) if raw else None
+    return raw or None if "None" in kind else raw

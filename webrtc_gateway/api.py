@@ -1,0 +1,209 @@
+"""HTTP API of the gateway: thin handlers over :class:`~webrtc_gateway.gateway.Gateway`.
+
+==========================================  =====================================================================
+``POST /v1/sessions``                       create a session → ``{session_id, token, expires_in, ice_servers}``
+``POST /v1/sessions/{id}/offer``            ``{"sdp", "type": "offer"}`` + ``Authorization: Bearer TOKEN`` → answer
+``GET /v1/sessions/{id}``                   the session's state and counters (token required)
+``DELETE /v1/sessions/{id}``                end the session (token required)
+``GET /livez``, ``GET /readyz``             health
+``GET /metrics``                            Prometheus text format
+==========================================  =====================================================================
+
+Errors are JSON ``{"error": {"code": "...", "message": "..."}}`` with a 4xx/5xx status. Browser calls carry an
+``Origin``; one that is neither this gateway's own nor in ``allowed_origins`` is refused with 403.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from microturn.config import Settings
+from webrtc_gateway.gateway import AlreadyConnected, Gateway, GatewayFull, UnknownSession
+from webrtc_gateway.session import OfferError
+from webrtc_gateway.store import StoreUnavailable
+from webrtc_gateway.tokens import TokenError
+
+GATEWAY = web.AppKey("gateway", Gateway)
+SETTINGS = web.AppKey("settings", Settings)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+def _origin_allowed(request: web.Request, settings: Settings) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not a browser call (a backend, a probe)
+    own = f"{request.scheme}://{request.host}"
+    return origin == own or origin in settings.allowed_origins or "*" in settings.allowed_origins
+
+
+@web.middleware
+async def origin_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse disallowed browser origins, answer CORS preflights, and turn known failures into JSON errors."""
+    settings = request.app[SETTINGS]
+    origin = request.headers.get("Origin")
+    cors = {}
+    if origin is not None and request.path.startswith("/v1/"):
+        if not _origin_allowed(request, settings):
+            return error(403, "origin_not_allowed", f"origin {origin} may not call this gateway")
+        cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if request.method == "OPTIONS":
+            return web.Response(status=204, headers={
+                **cors, "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Max-Age": "600"})
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and not exc.text:
+            response = error(exc.status, "http_error", exc.reason)
+        else:
+            raise
+    except StoreUnavailable as exc:
+        response = error(503, "store_unavailable", f"session state is unavailable: {exc}",
+                         {"Retry-After": "2"})
+    response.headers.update(cors)
+    return response
+
+
+async def _json_body(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _Refused(413, "too_large", f"request body is larger than {max_bytes} bytes")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise _Refused(413, "too_large", f"request body is larger than {max_bytes} bytes")
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise _Refused(400, "invalid_json", "request body is not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise _Refused(400, "invalid_json", "request body must be a JSON object")
+    return body
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.response = error(status, code, message)
+
+
+def _check_token(request: web.Request, session_id: str) -> None:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise _Refused(401, "token_missing", "send the session token as 'Authorization: Bearer TOKEN'")
+    try:
+        request.app[GATEWAY].signer.verify(header.removeprefix("Bearer ").strip(), session_id, "connect")
+    except TokenError as exc:
+        status = 403 if "another session" in str(exc) or "scope" in str(exc) else 401
+        raise _Refused(status, "token_invalid", str(exc)) from exc
+
+
+def refusals(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except _Refused as exc:
+            return exc.response
+    return wrapped
+
+
+@refusals
+async def create_session(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    await _json_body(request, 4096)
+    try:
+        record, token = await gateway.create()
+    except GatewayFull as exc:
+        return error(503, "gateway_full", str(exc), {"Retry-After": "5"})
+    settings = request.app[SETTINGS]
+    return web.json_response({
+        "session_id": record.session_id,
+        "token": token,
+        "expires_in": settings.token_ttl_s,
+        "ice_servers": [{"urls": [url]} for url in settings.ice_servers],
+        "offer_url": f"/v1/sessions/{record.session_id}/offer",
+        "micro_turn_ms": 200,
+    }, status=201)
+
+
+@refusals
+async def offer(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    _check_token(request, session_id)
+    body = await _json_body(request, request.app[SETTINGS].max_sdp_bytes)
+    sdp = body.get("sdp")
+    if body.get("type", "offer") != "offer" or not isinstance(sdp, str) or not sdp.strip():
+        return error(400, "invalid_offer", 'send {"type": "offer", "sdp": "..."}')
+    try:
+        answer = await request.app[GATEWAY].connect(session_id, sdp)
+    except UnknownSession as exc:
+        return error(404, "unknown_session", str(exc))
+    except AlreadyConnected as exc:
+        return error(409, "already_connected", str(exc))
+    except OfferError as exc:
+        return error(400, "invalid_offer", str(exc))
+    return web.json_response({"type": "answer", "sdp": answer})
+
+
+@refusals
+async def session_state(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    _check_token(request, session_id)
+    gateway = request.app[GATEWAY]
+    if session_id in gateway.pending:
+        return web.json_response({"session_id": session_id, "state": "new"})
+    session = gateway.live.get(session_id)
+    if session is None:
+        return error(404, "unknown_session", "no such session on this gateway")
+    return web.json_response({
+        "session_id": session_id,
+        "state": session.pc.connectionState,
+        "micro_turns": session.clock.dispatched,
+        "late_micro_turns": session.clock.late,
+        "audio_frames_in": session.audio.frames,
+        "audio_gaps": session.audio.gaps,
+        "video_frames_in": session.video.frames,
+        "frames_out": session.playout.frames_out,
+        "underrun_frames": session.playout.underrun_frames,
+        "captions_sent": session.captions_sent,
+        "messages_received": session.messages_received,
+        "errors_sent": session.errors_sent,
+    })
+
+
+@refusals
+async def delete_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    _check_token(request, session_id)
+    try:
+        await request.app[GATEWAY].end(session_id, "deleted by client")
+    except UnknownSession as exc:
+        return error(404, "unknown_session", str(exc))
+    return web.json_response({"session_id": session_id, "state": "closed"})
+
+
+async def livez(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ready", "sessions": request.app[GATEWAY].session_count})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/sessions", create_session)
+    app.router.add_post("/v1/sessions/{session_id}/offer", offer)
+    app.router.add_get("/v1/sessions/{session_id}", session_state)
+    app.router.add_delete("/v1/sessions/{session_id}", delete_session)
+    app.router.add_route("OPTIONS", "/v1/{tail:.*}", livez)  # answered by the middleware
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)

@@ -1,0 +1,99 @@
+"""The gateway's aiohttp application factory, used by ``microturn serve`` and by the tests alike.
+
+Process layout (all in one process in the embedded default): the aiohttp event loop runs signalling, the data
+channels and aiortc's media I/O; aiortc decodes audio in its own decoder threads; the engine steps the model in its
+own tick thread (:mod:`inference.engine`). Handlers only enqueue. Resources are opened in ``cleanup_ctx`` and closed
+in reverse order; live peers are closed first on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import jinja2
+from aiohttp import web
+
+from inference.engine import Engine
+from inference.models import load_backend
+from microturn.config import Settings
+from webrtc_gateway import api, metrics
+from webrtc_gateway.gateway import Gateway
+from webrtc_gateway.ice import use_host_addresses
+from webrtc_gateway.store import MemorySessionStore, RedisSessionStore, SessionStore
+
+log = logging.getLogger(__name__)
+
+WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+ENGINE = web.AppKey("engine", Engine)
+TEMPLATES = web.AppKey("templates", jinja2.Environment)
+
+
+def make_store(settings: Settings) -> SessionStore:
+    return RedisSessionStore(settings.redis) if settings.redis else MemorySessionStore()
+
+
+async def demo_page(request: web.Request) -> web.Response:
+    page = request.app[TEMPLATES].get_template("index.html").render(
+        model=request.app[api.SETTINGS].model, micro_turn_ms=200)
+    return web.Response(text=page, content_type="text/html")
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    registry = metrics.registry_for(request.app[api.GATEWAY])
+    return web.Response(body=metrics.render(registry), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.SETTINGS]
+    backend = await asyncio.get_running_loop().run_in_executor(
+        None, load_backend, settings.model, settings.checkpoint, settings.device)
+    engine = Engine(backend, tick_budget_ms=settings.tick_budget_ms)
+    await engine.start()
+    app[ENGINE] = engine
+    yield
+    await engine.stop()
+
+
+async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[api.SETTINGS]
+    store = make_store(settings)
+    gateway = Gateway(settings, app[ENGINE], store)
+    app[api.GATEWAY] = gateway
+
+    async def expire() -> None:
+        while True:
+            await asyncio.sleep(5)
+            await gateway.expire_pending()
+
+    expiry = asyncio.create_task(expire(), name="expire-pending-sessions")
+    yield
+    expiry.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await expiry
+    await gateway.close_all()
+    await store.close()
+
+
+async def _close_peers(app: web.Application) -> None:
+    await app[api.GATEWAY].close_all()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the gateway application for ``settings``."""
+    use_host_addresses(settings.ice_host_addresses)
+    app = web.Application(middlewares=[api.origin_and_errors], client_max_size=max(settings.max_sdp_bytes, 65536))
+    app[api.SETTINGS] = settings
+    app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(WEB_ROOT / "templates"),
+                                        autoescape=True)
+    app.cleanup_ctx.extend([_engine_ctx, _gateway_ctx])
+    app.on_shutdown.append(_close_peers)
+    api.add_routes(app)
+    app.router.add_get("/", demo_page)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_static("/static/", WEB_ROOT / "static")
+    return app
