@@ -75,6 +75,15 @@ class Tokens:
         return Tokens(torch.full((n,), PATCH, dtype=torch.long), torch.zeros(n, dtype=torch.long), e.dmel,
                       patches, grid)
 
+    def rows(self, start: int, end: int) -> Tokens:
+        """Rows ``[start, end)`` of this run."""
+        audio = (self.kind == AUDIO_IN) | (self.kind == AUDIO_OUT)
+        patch = self.kind == PATCH
+        a0, a1 = int(audio[:start].sum()), int(audio[:end].sum())
+        p0, p1 = int(patch[:start].sum()), int(patch[:end].sum())
+        return Tokens(self.kind[start:end], self.text[start:end], self.dmel[a0:a1], self.patches[p0:p1],
+                      self.grid[p0:p1])
+
     @staticmethod
     def cat(parts: list[Tokens]) -> Tokens:
         return Tokens(torch.cat([p.kind for p in parts]), torch.cat([p.text for p in parts]),

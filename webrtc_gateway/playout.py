@@ -1,16 +1,24 @@
 """Egress audio: the playout buffer and the outbound track that paces it in 20 ms frames at 48 kHz.
 
 The buffer holds only what the model produced. Frames leave on a 20 ms grid; when the buffer is empty the track
-sends silence and never stalls. Model output arrives once per micro-turn, paced by the browser's own audio clock, so
-the grid follows it: output that lands in an empty buffer goes out at once and the grid is re-phased to it, and
-while the model is speaking a due frame waits up to ``tolerance`` for late output before silence is sent (and
-counted as an underrun). Latency therefore never creeps up with jitter, and the grid never drifts: send times are
-``anchor + n * 20 ms`` from an integer frame count, and RTP timestamps advance exactly 960 per frame.
+sends silence and never stalls. The grid follows the model's output, which arrives once per micro-turn paced by the
+browser's own audio clock:
+
+- output that starts a talk spurt (it lands in an empty buffer while the model was quiet) goes out at once and the
+  grid is re-phased to it;
+- while the model speaks, a due frame with an empty buffer waits up to ``tolerance`` for late output; output that
+  lands in that window goes out at once. If none comes, silence is sent and counted as an underrun; either way the
+  grid moves later by the wait. After ``quiet_after`` underruns in a row the model counts as quiet again.
+
+The grid only moves earlier at the start of a talk spurt, so frames never leave faster than real time within one;
+it moves later only by observed lateness, so latency settles at the output's jitter and stays there. Send times are
+``anchor + n * 20 ms`` from an integer frame count and RTP timestamps advance exactly 960 a frame: nothing drifts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import time
 from collections.abc import Callable
@@ -30,27 +38,19 @@ TIME_BASE = fractions.Fraction(1, RATE)
 class FrameSchedule:
     """When each outgoing frame is due. Pure arithmetic, so pacing can be tested over hours of simulated time."""
 
-    def __init__(self, tolerance_s: float = 0.015) -> None:
-        self.tolerance = tolerance_s
+    def __init__(self) -> None:
         self._anchor: float | None = None
         self._count = 0  # frames sent since the anchor
 
-    @property
-    def next_due(self) -> float | None:
-        return None if self._anchor is None else self._anchor + self._count * FRAME_S
-
-    def wait_until(self, now: float, buffered: bool, speaking: bool) -> float:
-        """Until when to wait before sending: the due time, or a little later for output that is late."""
+    def due(self, now: float) -> float:
+        """When the next frame is due (the first one is due at once)."""
         if self._anchor is None:
             self._anchor = now
-        due = self._anchor + self._count * FRAME_S
-        return due if buffered or not speaking else due + self.tolerance
+        return self._anchor + self._count * FRAME_S
 
     def sent(self, at: float, rephase: bool) -> None:
-        """A frame left at ``at``; ``rephase`` restarts the grid there (output landed in an empty buffer)."""
-        assert self._anchor is not None
-        due = self._anchor + self._count * FRAME_S
-        if rephase or at > due + FRAME_S:  # new output, or the loop stalled a whole frame: restart the grid here
+        """A frame left at ``at``; ``rephase`` restarts the grid there (a talk spurt began, or output was late)."""
+        if self._anchor is None or rephase or at > self.due(at) + FRAME_S:  # or the loop stalled a whole frame
             self._anchor, self._count = at, 0
         self._count += 1
 
@@ -60,14 +60,17 @@ class PlayoutTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, max_buffer_s: float = 2.0, tolerance_s: float = 0.015,
+    def __init__(self, max_buffer_s: float = 2.0, tolerance_s: float = 0.015, quiet_after: int = 5,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self.schedule = FrameSchedule(tolerance_s)
+        self.schedule = FrameSchedule()
+        self.tolerance = tolerance_s
+        self.quiet_after = quiet_after
         self.frames_out = 0
         self.underrun_frames = 0  # silence sent while the model was speaking, because its output was late
         self.overrun_samples = 0  # output dropped because the buffer was full
-        self.speaking = False  # set once output flows; cleared when the session stops producing
+        self.speaking = False  # output is flowing; cleared after quiet_after underruns or by stop_speaking()
+        self._missed = 0  # consecutive underrun frames
         self._clock = clock
         self._max = int(max_buffer_s * RATE)
         self._buffer = np.zeros(0, np.float32)
@@ -95,24 +98,28 @@ class PlayoutTrack(MediaStreamTrack):
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        buffered = len(self._buffer) >= FRAME_SAMPLES
-        until = self.schedule.wait_until(self._clock(), buffered, self.speaking)
+        due = self.schedule.due(self._clock())
         rephase = False
-        if buffered:
-            await asyncio.sleep(max(0.0, until - self._clock()))
-        else:
+        was_speaking = self.speaking
+        if len(self._buffer) < FRAME_SAMPLES:
+            # Wait for output: until the due time when quiet, a little past it when speaking.
             self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), max(0.0, until - self._clock()))
-                rephase = True
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                limit = due + (self.tolerance if self.speaking else 0.0)
+                await asyncio.wait_for(self._arrived.wait(), max(0.0, limit - self._clock()))
+            arrived = len(self._buffer) >= FRAME_SAMPLES
+            # a talk spurt starts now, or we chose to wait past the due time: either way the grid moves here
+            rephase = (arrived and not was_speaking) or (was_speaking and self._clock() > due)
+        await asyncio.sleep(max(0.0, (due if not rephase else self._clock()) - self._clock()))
         if len(self._buffer) >= FRAME_SAMPLES:
             samples, self._buffer = self._buffer[:FRAME_SAMPLES], self._buffer[FRAME_SAMPLES:]
+            self._missed = 0
         else:
             samples = np.zeros(FRAME_SAMPLES, np.float32)
             if self.speaking:
                 self.underrun_frames += 1
+                self._missed += 1
+                self.speaking = self._missed < self.quiet_after
         self.schedule.sent(self._clock(), rephase)
         return self._frame(samples)
 

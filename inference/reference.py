@@ -1,0 +1,263 @@
+"""``reference``: the reference interaction model as an engine backend — sessions, batched ticks, seeded sampling.
+
+The engine (:mod:`inference.engine`) calls :meth:`ReferenceModel.step` from its tick thread with at most one
+micro-turn per session. One step runs, for all of them together, ``2 + text_out`` forwards of the same packed
+ragged batch (the sessions' new tokens concatenated, no padding; each session attends over its own cache):
+
+1. the last micro-turn's output-audio tokens and this micro-turn's user side → logits of ``SPEAK`` / ``SILENT``;
+2. that token → logits of caption token 0; … ; the last caption token → the flow head's conditioning;
+
+then the flow head (speaking sessions only) and the vocoder. See :mod:`inference.layout` for the token layout.
+
+Session state (:class:`Session`) is created by :meth:`open`, touched only by the tick thread and dropped by
+:meth:`close`: its :class:`~inference.kv_cache.KVCache` (bounded: sinks + sliding window, allocated once), the last
+624 audio samples (dMel context), pending user text, the last camera frame that entered the context, the output
+tokens not yet in the cache, and the caption decoder. Nothing else grows with the length of a session.
+
+Randomness (text sampling, flow noise) comes from a generator seeded by ``(session seed, micro-turn index)`` only,
+so a context rebuilt elsewhere from the same inputs reproduces the same outputs, alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference import tokenizer
+from inference.checkpoint import load_checkpoint
+from inference.dmel import LOG_MIN, DMelStream, quantize
+from inference.kv_cache import AttentionPlan, KVCache
+from inference.layout import AUDIO_OUT, Tokens, TurnLayout
+from inference.model import ReferenceNet
+from inference.video import patch_grid, to_patches
+from inference.vocoder import GriffinLim, Vocoder
+from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn, MicroTurnOutput
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_BACKLOG = 4096
+"""User-side text tokens a session may have waiting; more is dropped (and logged)."""
+
+
+def turn_seed(seed: int, index: int) -> int:
+    """The sampling seed of micro-turn ``index`` of a session seeded ``seed`` (stable across processes)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class Trace:
+    """What a session's steps computed, kept only when the model records (tests, the re-prefill baseline)."""
+
+    turns: list[Tokens] = field(default_factory=list)  # every micro-turn's tokens, user then model side
+    logits: list[torch.Tensor] = field(default_factory=list)  # per micro-turn (1 + text_out, vocab)
+    flow_cond: list[torch.Tensor] = field(default_factory=list)  # per micro-turn (d_model,)
+
+
+@dataclass
+class Session:
+    """One session's state between micro-turns (owned by :class:`ReferenceModel`)."""
+
+    seed: int
+    cache: KVCache
+    audio_context: torch.Tensor  # (624,) last input samples
+    text_backlog: deque[int] = field(default_factory=deque)
+    pending: Tokens | None = None  # the last micro-turn's output-audio tokens, not yet in the cache
+    last_frame: np.ndarray | None = None  # the camera frame that last entered the context
+    since_frame: int = 0
+    captions: tokenizer.CaptionDecoder = field(default_factory=tokenizer.CaptionDecoder)
+    voice_context: torch.Tensor | None = None  # (vocoder_context, 80) last output log-mel frames
+    trace: Trace | None = None
+
+
+class ReferenceModel:
+    """The reference model as a :class:`~microturn.contracts.ModelBackend`."""
+
+    name = "reference"
+
+    def __init__(self, net: ReferenceNet, vocoder: Vocoder | None = None, record: bool = False) -> None:
+        self.net = net.eval()
+        self.cfg = net.cfg
+        self.device = next(net.parameters()).device
+        self.layout = TurnLayout(self.cfg.frames_per_token, self.cfg.n_mels, self.cfg.text_out)
+        self.features = DMelStream()
+        self.vocoder: Vocoder = vocoder if vocoder is not None else GriffinLim(self.cfg.griffin_lim_iters)
+        self.record = record
+        self.sessions: dict[str, Session] = {}
+        self.expert_load = torch.zeros(self.cfg.n_layers, self.cfg.n_experts, dtype=torch.long)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: str = "cpu") -> ReferenceModel:
+        return cls(load_checkpoint(path, device))
+
+    # sessions
+
+    def new_cache(self, max_step_tokens: int | None = None) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layers, c.n_heads, c.head_dim, c.n_sink, c.window,
+                       max_step_tokens or c.max_step_tokens, device=self.device)
+
+    def open(self, session_id: str, seed: int) -> None:
+        if session_id in self.sessions:
+            raise ValueError(f"session {session_id} is already open")
+        self.sessions[session_id] = Session(seed, self.new_cache(), DMelStream.initial_state(),
+                                            trace=Trace() if self.record else None)
+
+    def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    # one tick
+
+    def step(self, turns: list[MicroTurn]) -> list[MicroTurnOutput]:
+        if not turns:
+            return []
+        if len({t.session_id for t in turns}) != len(turns):
+            raise ValueError("at most one micro-turn per session in a step")
+        with torch.inference_mode():
+            return self._step(turns)
+
+    def _step(self, turns: list[MicroTurn]) -> list[MicroTurnOutput]:
+        cfg = self.cfg
+        sessions = [self.sessions[t.session_id] for t in turns]
+        gens = [torch.Generator().manual_seed(turn_seed(s.seed, t.index)) for s, t in zip(sessions, turns)]
+        audio = torch.from_numpy(np.stack([t.audio for t in turns]))
+        bins, contexts = self.features.step(audio, torch.stack([s.audio_context for s in sessions]))
+        user_sides, runs = [], []
+        for b, (s, t) in enumerate(zip(sessions, turns, strict=True)):
+            s.audio_context = contexts[b]
+            user = self.layout.user_side(self._take_text(s, t), *self._fresh_frame(s, t.video), bins[b])
+            user_sides.append(user)
+            runs.append(user if s.pending is None else Tokens.cat([s.pending, user]))
+
+        h = self._advance(sessions, runs)  # (B, d)
+        logits = [self.net.text_logits(h)]
+        control = self._sample(logits[-1], gens, allowed=(tokenizer.SPEAK, tokenizer.SILENT))
+        speaking = [c == tokenizer.SPEAK for c in control]
+        last = control
+        caption: list[list[int]] = [[] for _ in turns]
+        for _ in range(cfg.text_out):
+            h = self._advance(sessions, [self._text(i) for i in last])
+            logits.append(self.net.text_logits(h))
+            sampled = self._sample(logits[-1], gens, allowed=tuple(range(tokenizer.PAD + 1)))
+            last = [i if talk else tokenizer.PAD for i, talk in zip(sampled, speaking, strict=True)]
+            for ids, i in zip(caption, last, strict=True):
+                ids.append(i)
+        cond = self._advance(sessions, [self._text(i) for i in last])  # (B, d)
+
+        frames = cfg.frames_per_turn
+        mel = torch.full((len(turns), frames, cfg.n_mels), LOG_MIN)
+        talkers = [b for b, talk in enumerate(speaking) if talk]
+        if talkers:
+            noise = torch.stack([torch.randn(frames * cfg.n_mels, generator=gens[b]) for b in talkers])
+            mel[talkers] = self.net.flow.sample(cond[talkers], noise.to(self.device), cfg.flow_steps).cpu()
+        out_bins = quantize(mel)
+        wave = self._vocode(sessions, mel, talkers)
+
+        outputs = []
+        for b, (s, t) in enumerate(zip(sessions, turns, strict=True)):
+            s.pending = Tokens.of_audio(out_bins[b], cfg.frames_per_token, AUDIO_OUT)
+            if s.trace is not None:
+                s.trace.turns.append(Tokens.cat([user_sides[b],
+                                                 self.layout.model_side(control[b], caption[b], out_bins[b])]))
+                s.trace.logits.append(torch.stack([step_logits[b] for step_logits in logits]).cpu())
+                s.trace.flow_cond.append(cond[b].cpu())
+            outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], s.captions.feed(caption[b])))
+        return outputs
+
+    def _advance(self, sessions: list[Session], runs: list[Tokens]) -> torch.Tensor:
+        """Append each session's run of tokens to its cache; the hidden state of each run's last token (B, d)."""
+        tokens = Tokens.cat(runs)
+        plan = AttentionPlan.cached([s.cache for s in sessions], [len(r) for r in runs])
+        h, routings = self.net(self.net.embed(tokens), plan)
+        self.expert_load += torch.stack([r.load for r in routings]).cpu()
+        ends = torch.tensor([len(r) for r in runs]).cumsum(0) - 1
+        return h[ends]
+
+    def _text(self, token: int) -> Tokens:
+        return Tokens.of_text([token], self.cfg.frames_per_token, self.cfg.n_mels)
+
+    def _sample(self, logits: torch.Tensor, gens: list[torch.Generator], allowed: tuple[int, ...]) -> list[int]:
+        choices = torch.tensor(allowed)
+        sub = logits[:, choices].float().cpu()  # (B, len(allowed))
+        if self.cfg.temperature <= 0:
+            return [allowed[int(i)] for i in sub.argmax(dim=-1)]
+        probs = F.softmax(sub / self.cfg.temperature, dim=-1)
+        return [allowed[int(torch.multinomial(p, 1, generator=g))] for p, g in zip(probs, gens, strict=True)]
+
+    def _take_text(self, s: Session, turn: MicroTurn) -> list[int]:
+        new: list[int] = []
+        for text in turn.text:
+            new += tokenizer.encode(text, tokenizer.USER)
+        for event in turn.events:
+            if event.name == "background_result":
+                new += tokenizer.encode(str(event.data.get("text", "")), tokenizer.TOOL)
+            else:
+                new += tokenizer.encode(event.name, tokenizer.EVENT)
+        room = MAX_TEXT_BACKLOG - len(s.text_backlog)
+        if len(new) > room:
+            log.warning("session %s: text backlog full, dropping %d tokens", turn.session_id, len(new) - room)
+        s.text_backlog.extend(new[:max(0, room)])
+        n = min(self.cfg.text_in_max, len(s.text_backlog))
+        return [s.text_backlog.popleft() for _ in range(n)]
+
+    def _fresh_frame(self, s: Session, video: np.ndarray | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The frame's patches if it enters the context this micro-turn (first, changed, or due), else None."""
+        if video is None:
+            s.since_frame += 1
+            return None, None
+        frame = self._fit_frame(video)
+        due = s.since_frame + 1 >= self.cfg.video_every
+        changed = s.last_frame is None or float(
+            np.abs(frame.astype(np.int16) - s.last_frame.astype(np.int16)).mean()) > self.cfg.video_change
+        if not (due or changed):
+            s.since_frame += 1
+            return None, None
+        s.last_frame, s.since_frame = frame, 0
+        return to_patches(frame), patch_grid(frame)
+
+    def _fit_frame(self, video: np.ndarray) -> np.ndarray:
+        size = (self.cfg.video_height, self.cfg.video_width)
+        if video.shape[:2] == size:
+            return video
+        t = torch.from_numpy(np.ascontiguousarray(video)).permute(2, 0, 1)[None].float()
+        return F.interpolate(t, size=size, mode="area")[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
+
+    def _vocode(self, sessions: list[Session], mel: torch.Tensor, talkers: list[int]) -> list[np.ndarray]:
+        """Each session's 3200 output samples: the vocoder for speaking sessions, zeros for the others."""
+        ctx = self.cfg.vocoder_context
+        out = [np.zeros(MICRO_TURN_SAMPLES, dtype=np.float32) for _ in sessions]
+        if talkers:
+            prev = torch.stack([sessions[b].voice_context if sessions[b].voice_context is not None
+                                else torch.full((ctx, self.cfg.n_mels), LOG_MIN) for b in talkers])
+            audio = self.vocoder(torch.cat([prev, mel[talkers]], dim=1))[:, -MICRO_TURN_SAMPLES:]
+            for i, b in enumerate(talkers):
+                out[b] = audio[i].numpy().astype(np.float32)
+        for b, s in enumerate(sessions):
+            s.voice_context = mel[b, -ctx:].clone()
+        return out
+
+    # baselines and diagnostics
+
+    def reprefill(self, session_id: str) -> None:
+        """Rebuild a recording session's cache from its whole history (the no-KV-reuse baseline)."""
+        s = self.sessions[session_id]
+        if s.trace is None:
+            raise ValueError("reprefill needs a model made with record=True")
+        chunk = 256
+        cache = self.new_cache(max_step_tokens=chunk)
+        history = Tokens.cat(s.trace.turns)
+        with torch.inference_mode():
+            for start in range(0, len(history), chunk):
+                part = history.rows(start, min(start + chunk, len(history)))
+                plan = AttentionPlan.cached([cache], [len(part)])
+                self.net(self.net.embed(part), plan)
+        s.cache = cache
+        s.pending = None
+

@@ -1,0 +1,88 @@
+"""Shared fixtures: an in-process gateway on loopback, a real redis-server, espeak-ng speech."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from microturn.config import Settings
+from microturn.probe import read_audio
+from webrtc_gateway.app import create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def loopback_settings(**changes: object) -> Settings:
+    return Settings(host="127.0.0.1", port=0, ice_host_addresses=("127.0.0.1",), token_secret="test-secret",
+                    **changes)  # type: ignore[arg-type]
+
+
+async def start_gateway(settings: Settings) -> TestServer:
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[TestServer]:
+    """An echo gateway in this process, media on loopback."""
+    server = await start_gateway(loopback_settings())
+    yield server
+    await server.close()
+
+
+def gateway_of(server: TestServer) -> web.Application:
+    return server.app
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few seconds of espeak-ng speech, 16-bit mono WAV."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run(["espeak-ng", "-s", "150", "-w", str(path),
+                    "Hello. This is microturn, listening in micro turns of two hundred milliseconds."],
+                   check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_48k(speech_wav: Path) -> np.ndarray:
+    return read_audio(speech_wav)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, for the whole test session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(5)
