@@ -1,7 +1,7 @@
 """The reference model's one config dataclass, and its size presets.
 
-Every size-dependent number of the reference interaction model lives here, with its default; the checkpoint stores
-this dataclass as ``config.json`` so a checkpoint always rebuilds the exact model it was saved from.
+Every size-dependent number of the reference interaction model lives here, with its default; the checkpoint
+stores this dataclass as ``config.json`` so a checkpoint always rebuilds the exact model it was saved from.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from microturn.contracts import MICRO_TURN_SAMPLES, PATCH, VIDEO_HEIGHT, VIDEO_W
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the reference model; defaults are the ``tiny`` preset (realtime for 16+ sessions on 2 CPU cores)."""
+    """Shape of the reference model; the defaults are the ``tiny`` preset (realtime on 2 CPU cores)."""
 
     # trunk
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: heads share keys/values, which halves the KV cache
     rope_base: float = 10_000.0
     # mixture of experts (SwiGLU experts)
     n_experts: int = 8
@@ -37,12 +38,12 @@ class ModelConfig:
     n_mels: int = 80
     dmel_bins: int = 16
     dmel_bin_dim: int = 8  # width of one channel's bin embedding (80 of them are concatenated then projected)
-    frames_per_token: int = 2  # dMel frames grouped into one audio token: 4 audio tokens per micro-turn
+    frames_per_token: int = 4  # dMel frames grouped into one audio token: 2 audio tokens per micro-turn
     # video (40x40 patches through a hierarchical MLP stem)
     video_height: int = VIDEO_HEIGHT
     video_width: int = VIDEO_WIDTH
-    video_every: int = 5  # a camera frame enters the context at least every N micro-turns (1 s) ...
-    video_change: float = 6.0  # ... or as soon as its mean absolute pixel change since the last one exceeds this
+    video_every: int = 10  # a camera frame enters the context at least every N micro-turns (2 s) ...
+    video_change: float = 6.0  # ... or once its mean absolute pixel change since the last one exceeds this
     stem_dims: tuple[int, int] = (48, 96)  # widths of the stem's 5x5 and 10x10 stages
     # flow head (rectified flow over one micro-turn of output mel)
     flow_dim: int = 256
@@ -54,7 +55,7 @@ class ModelConfig:
     max_step_tokens: int = 64  # most tokens one session appends in one forward
     # sampling and vocoder
     temperature: float = 1.0
-    griffin_lim_iters: int = 16
+    griffin_lim_iters: int = 8
     vocoder_context: int = 2  # mel frames of the previous micro-turn given to the vocoder for continuity
 
     def __post_init__(self) -> None:
@@ -64,6 +65,8 @@ class ModelConfig:
             raise ValueError("a micro-turn must hold a whole number of audio tokens")
         if self.video_height % PATCH or self.video_width % PATCH:
             raise ValueError(f"video sides must be multiples of {PATCH}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError("n_heads must be a multiple of n_kv_heads")
         if self.top_k > self.n_experts:
             raise ValueError("top_k cannot exceed n_experts")
 
@@ -78,7 +81,7 @@ class ModelConfig:
 
     @property
     def audio_tokens(self) -> int:
-        """Audio tokens per micro-turn, each way (4: two frames each)."""
+        """Audio tokens per micro-turn, each way (2: four frames each)."""
         return self.frames_per_turn // self.frames_per_token
 
     @property
@@ -103,14 +106,15 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
-    "small": ModelConfig(d_model=512, n_layers=8, n_heads=8, n_experts=16, d_expert=512, d_shared=512,
-                         text_out=3, window=2048, n_sink=32, flow_dim=512, griffin_lim_iters=32),
-    "base": ModelConfig(d_model=1024, n_layers=16, n_heads=16, n_experts=32, d_expert=704, d_shared=1408,
-                        text_out=3, window=4096, n_sink=64, stem_dims=(96, 192), flow_dim=1024, flow_layers=4,
-                        griffin_lim_iters=32),
-    "large": ModelConfig(d_model=2048, n_layers=24, n_heads=16, n_experts=64, top_k=4, d_expert=1024,
-                         d_shared=2048, text_out=3, window=8192, n_sink=64, stem_dims=(128, 256), flow_dim=1536,
-                         flow_layers=6, griffin_lim_iters=32),
+    "small": ModelConfig(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, n_experts=16, d_expert=512,
+                         d_shared=512, text_out=3, window=2048, n_sink=32, flow_dim=512,
+                         griffin_lim_iters=32),
+    "base": ModelConfig(d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, n_experts=32, d_expert=704,
+                        d_shared=1408, text_out=3, window=4096, n_sink=64, stem_dims=(96, 192), flow_dim=1024,
+                        flow_layers=4, griffin_lim_iters=32),
+    "large": ModelConfig(d_model=2048, n_layers=24, n_heads=16, n_kv_heads=4, n_experts=64, top_k=4,
+                         d_expert=1024, d_shared=2048, text_out=3, window=8192, n_sink=64,
+                         stem_dims=(128, 256), flow_dim=1536, flow_layers=6, griffin_lim_iters=32),
 }
 
 

@@ -1,15 +1,16 @@
-"""dMel audio features (arXiv 2407.15835): log-mel frames, each channel quantised into a few evenly spaced bins.
+"""dMel audio features (arXiv 2407.15835): log-mel frames, each channel quantised into a few evenly spaced
+bins.
 
-Spec: 16 kHz audio, STFT with n_fft 1024 and a Hann window, 80 mel channels from 80 to 7600 Hz (Slaney mel scale and
-area-normalised filters, on the magnitude spectrum), log10, clipped to [−7, 2], then each channel rounded to the
-nearest of 16 evenly spaced levels ``linspace(−7, 2, 16)``: bin ``b`` stands for ``−7 + 9 b / 15``.
+Spec: 16 kHz audio, STFT with n_fft 1024 and a Hann window, 80 mel channels from 80 to 7600 Hz (Slaney mel
+scale and area-normalised filters, on the magnitude spectrum), log10, clipped to [−7, 2], then each channel
+rounded to the nearest of 16 evenly spaced levels ``linspace(−7, 2, 16)``: bin ``b`` stands for ``−7 + 9 b /
+15``.
 
-Framing is causal, so it streams: the hop is 400 samples (25 ms, 40 frames per second) and frame ``i`` covers the
-1024 samples that end at sample ``(i + 1) · 400`` (zeros before the start of the stream). A micro-turn of 3200
-samples is exactly 8 frames, and none of them looks at a sample after the micro-turn: :class:`DMelStream` keeps the
-last 624 samples of the previous micro-turn as the left context of the first windows, which makes streaming
-features equal to offline ones.
-"""
+Framing is causal, so it streams: the hop is 400 samples (25 ms, 40 frames per second) and frame ``i`` covers
+the 1024 samples that end at sample ``(i + 1) · 400`` (zeros before the start of the stream). A micro-turn of
+3200 samples is exactly 8 frames, and none of them looks at a sample after the micro-turn: :class:`DMelStream`
+keeps the last 624 samples of the previous micro-turn as the left context of the first windows, which makes
+streaming features equal to offline ones. """
 
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """Audio out: a rectified-flow head that turns a trunk hidden state into one micro-turn of mel frames.
 
-It models the micro-turn's 8 log-mel frames (flattened, 640 values, scaled to about [−1, 1]) conditioned on the
-hidden state ``h`` of the model's last caption token. Training (flow matching): with noise ``x0``, data ``x1`` and
-``t ~ U(0, 1)``, regress the velocity ``x1 − x0`` at ``x_t = (1 − t) x0 + t x1``. Sampling: a few Euler steps
-from ``x0 = noise`` (the noise is drawn by the caller, from the session's seeded generator).
-"""
+It models the micro-turn's 8 log-mel frames (flattened, 640 values, scaled to about [−1, 1]) conditioned on
+the hidden state ``h`` of the model's last caption token. Training (flow matching): with noise ``x0``, data
+``x1`` and ``t ~ U(0, 1)``, regress the velocity ``x1 − x0`` at ``x_t = (1 − t) x0 + t x1``. Sampling: a few
+Euler steps from ``x0 = noise`` (the noise is drawn by the caller, from the session's seeded generator). """
 
 from __future__ import annotations
 
@@ -67,7 +66,8 @@ class FlowHead(nn.Module):
             z = block(z)
         return self.out(self.out_norm(z))
 
-    def loss(self, h: torch.Tensor, logmel: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, logmel: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+             ) -> torch.Tensor:
         """Flow-matching loss for target mel (B, frames, n_mels) in log10 units."""
         x1 = to_unit(logmel).reshape(logmel.shape[0], -1)
         xt = (1 - t[:, None]) * noise + t[:, None] * x1

@@ -1,23 +1,29 @@
-"""Per-session KV caches with a bounded footprint, and the attention plan of one packed ragged forward.
+"""The sessions' KV caches — one preallocated pool with a bounded slot per session — and the attention plan of
+one packed ragged forward.
 
-Policy (StreamingLLM-style sinks + sliding window): a query at position ``p`` attends to the session's first
-``n_sink`` tokens (kept for ever) and to the tokens at positions ``(p - window, p]``. Nothing else is kept, so a
-session's cache never grows: it is allocated once, at open, with
+Policy (StreamingLLM-style sinks + sliding window): a query at position ``p`` attends to its session's first
+``n_sink`` tokens (kept for ever) and to the tokens at positions ``(p - window, p]``. Nothing else is kept, so
+a session's cache never grows. Each session owns one slot of :class:`KVPool`, with
 
-    capacity = n_sink + window + max_step_tokens - 1   slots per layer
+    capacity = n_sink + window + max_step_tokens - 1   key/value rows per layer
 
-(the ring is ``max_step_tokens - 1`` slots longer than the window so that writing one forward's new tokens never
-overwrites a key that one of those new queries still needs). Bound: ``2 · n_layers · capacity · d_model`` floats per
-session (3.6 MB for ``tiny`` in fp32), whatever the length of the conversation; the per-step cost of attention is
-bounded by the same numbers. Keys are stored already rotated (RoPE with absolute positions that continue across
-micro-turns) and each slot remembers its position, so slot order never matters and the mask is a function of
-positions only: streaming with the cache gives exactly the same attention as one causal forward over the whole
-sequence with :func:`window_mask`.
+(the ring after the sinks is ``max_step_tokens - 1`` rows longer than the window, so writing one forward's new
+tokens never overwrites a key that one of those new queries still needs). Bound: ``2 · n_layers · capacity ·
+n_kv_heads · head_dim`` floats per session (1.8 MB for ``tiny`` in fp32), whatever the length of the
+conversation; the cost of attention per step is bounded by the same numbers. Keys are stored already rotated
+(RoPE with absolute positions that continue across micro-turns) and each row remembers its position, so row
+order never matters and the mask is a function of positions only: streaming through the pool gives exactly the
+attention of one causal forward over the whole sequence with :func:`window_mask`.
 
-Ownership: the runtime (:mod:`inference.reference`) creates a session's :class:`KVCache` when the session opens,
-reserves slots for each forward, and drops it when the session closes. The model only writes keys and values into
-the slots it is told to and reads them back; it keeps nothing in the cache.
-"""
+Ownership: the runtime (:mod:`inference.reference`) takes a slot when a session opens (:meth:`KVPool.alloc`),
+reserves rows for each forward (:meth:`KVPool.reserve`) and frees the slot when the session closes
+(:meth:`KVPool.free`, which moves the last slot into the hole so the open sessions stay in slots ``0 … n-1``
+and a tick of all of them reads the pool without copying). The model only writes keys and values where the
+plan says and reads them back; it keeps nothing in the pool.
+
+Batching (no padding blow-up): rows of all sessions are packed (N, d) for every dense layer; only attention
+pads, to (B, T_max) queries against the batch's slots, where T_max ≤ ``max_step_tokens`` and keys are the
+bounded window. """
 
 from __future__ import annotations
 
@@ -27,92 +33,154 @@ import torch
 
 
 def window_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int, n_sink: int) -> torch.Tensor:
-    """Which keys each query sees: causal, within ``window`` or among the sinks; empty slots (-1) never.
+    """Which keys each query sees: causal, within ``window`` or among the sinks; empty rows (-1) never.
 
-    (T,), (C,) → (T, C) bool
+    (..., T), (..., C) → (..., T, C) bool
     """
-    q, k = qpos[:, None], kpos[None, :]
+    q, k = qpos[..., :, None], kpos[..., None, :]
     return (k >= 0) & (k <= q) & ((k < n_sink) | (q - k < window))
 
 
-class KVCache:
-    """One session's preallocated keys and values: ``n_sink`` fixed slots, then a ring."""
+class KVPool:
+    """Keys and values of all open sessions, one fixed-size slot each; grows by doubling when full."""
 
-    def __init__(self, n_layers: int, n_heads: int, head_dim: int, n_sink: int, window: int,
-                 max_step_tokens: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-                 ) -> None:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_sink: int, window: int,
+                 max_step_tokens: int, slots: int = 4, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
         self.n_sink, self.window, self.max_step_tokens = n_sink, window, max_step_tokens
         self.capacity = n_sink + window + max_step_tokens - 1
-        self.k = torch.zeros(n_layers, n_heads, self.capacity, head_dim, dtype=dtype, device=device)  # (L,H,C,D)
-        self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((self.capacity,), -1, dtype=torch.long, device=device)  # position held by a slot
-        self.length = 0  # tokens appended so far = position of the next one
+        self.shape = (n_layers, n_kv_heads, self.capacity, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.k = torch.zeros(n_layers, slots, n_kv_heads, self.capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)  # (L, S, H, C, D)
+        self.pos = torch.full((slots, self.capacity), -1, dtype=torch.long, device=device)  # (S, C)
+        self.length: list[int] = []  # per open slot: tokens appended = position of the next one
 
     @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes + self.pos.nbytes
+    def open_slots(self) -> int:
+        return len(self.length)
 
     @property
-    def used(self) -> int:
-        """Slots filled so far (they fill in order: sinks, then the ring until it wraps)."""
-        return min(self.length, self.capacity)
+    def bytes_per_session(self) -> int:
+        n_layers, n_kv_heads, capacity, head_dim = self.shape
+        item = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * n_layers * n_kv_heads * capacity * head_dim * item + capacity * 8
 
-    def reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions and slots for the next ``n`` tokens; marks the slots as holding those positions."""
+    def alloc(self) -> int:
+        """A fresh, empty slot."""
+        slot = len(self.length)
+        if slot == self.k.shape[1]:
+            self._grow(2 * slot)
+        self.reset(slot)
+        self.length.append(0)
+        return slot
+
+    def free(self, slot: int) -> int | None:
+        """Free ``slot``; if another slot was moved into it to keep slots dense, return where it came from."""
+        last = len(self.length) - 1
+        moved = None
+        if slot != last:
+            self.k[:, slot] = self.k[:, last]
+            self.v[:, slot] = self.v[:, last]
+            self.pos[slot] = self.pos[last]
+            self.length[slot] = self.length[last]
+            moved = last
+        self.length.pop()
+        return moved
+
+    def reset(self, slot: int) -> None:
+        """Forget everything in ``slot`` (its next token is position 0 again)."""
+        self.pos[slot] = -1
+        if slot < len(self.length):
+            self.length[slot] = 0
+
+    def reserve(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and rows for the next ``n`` tokens of ``slot``; marks the rows as holding them."""
         if n > self.max_step_tokens:
-            raise ValueError(f"{n} tokens in one step; this cache takes at most {self.max_step_tokens}")
-        pos = torch.arange(self.length, self.length + n, device=self.pos.device)
+            raise ValueError(f"{n} tokens in one step; the pool takes at most {self.max_step_tokens}")
+        start = self.length[slot]
+        pos = torch.arange(start, start + n, device=self.device)
         ring = self.capacity - self.n_sink
-        slots = torch.where(pos < self.n_sink, pos, self.n_sink + (pos - self.n_sink) % ring)
-        self.pos[slots] = pos
-        self.length += n
-        return pos, slots
+        rows = torch.where(pos < self.n_sink, pos, self.n_sink + (pos - self.n_sink) % ring)
+        self.pos[slot, rows] = pos
+        self.length[slot] = start + n
+        return pos, rows
 
-
-@dataclass
-class Span:
-    """One sequence's part of a packed forward: rows ``[start, end)``, and where its keys come from.
-
-    With a ``cache``, new keys go to ``slots`` and queries attend over the cache's first ``used`` slots; without one
-    (training, offline), the span attends over its own keys only.
-    """
-
-    start: int
-    end: int
-    mask: torch.Tensor  # (T, keys) bool
-    cache: KVCache | None = None
-    slots: torch.Tensor | None = None
-    used: int = 0
+    def _grow(self, slots: int) -> None:
+        k = torch.zeros(self.k.shape[0], slots, *self.k.shape[2:], dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        pos = torch.full((slots, self.capacity), -1, dtype=torch.long, device=self.device)
+        n = self.k.shape[1]
+        k[:, :n], v[:, :n], pos[:n] = self.k, self.v, self.pos
+        self.k, self.v, self.pos = k, v, pos
 
 
 @dataclass
 class AttentionPlan:
-    """How the rows of one packed forward split into sequences (no padding anywhere)."""
+    """How the N packed rows of one forward split into B sequences, and where their keys live.
 
-    spans: list[Span]
+    Attention pads queries to (B, T_max): ``pad_index`` maps each row to ``b * T_max + t``. With a
+    ``pool``, each row's key is written to (``row_slot``, ``row_cache``) and the batch attends over ``slots``
+    (a range of pool slots when they are consecutive, which needs no copy) up to row ``used``; without one
+    (training, offline), each sequence attends over its own rows.
+    """
+
     positions: torch.Tensor  # (N,) absolute position of each row
+    pad_index: torch.Tensor  # (N,) row → b · T_max + t
+    batch: int
+    t_max: int
+    mask: torch.Tensor  # (B, 1, T_max, keys) bool
+    pool: KVPool | None = None
+    slots: torch.Tensor | slice | None = None  # (B,) pool slots, or slice(first, last + 1)
+    row_slot: torch.Tensor | None = None  # (N,)
+    row_cache: torch.Tensor | None = None  # (N,)
+    used: int = 0
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, D) → (B, H, T_max, D), zeros where a sequence is shorter."""
+        n, h, d = x.shape
+        out = x.new_zeros(self.batch * self.t_max, h, d).index_copy(0, self.pad_index, x)
+        return out.view(self.batch, self.t_max, h, d).transpose(1, 2)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T_max, D) → (N, H · D)."""
+        b, h, t, d = x.shape
+        return x.transpose(1, 2).reshape(b * t, h * d)[self.pad_index]
+
+    @staticmethod
+    def _packing(lengths: list[int]) -> tuple[torch.Tensor, int]:
+        t_max = max(lengths)
+        index = torch.cat([b * t_max + torch.arange(n) for b, n in enumerate(lengths)])
+        return index, t_max
 
     @classmethod
-    def cached(cls, caches: list[KVCache], lengths: list[int]) -> AttentionPlan:
-        """Append ``lengths[b]`` tokens to each cache; rows are packed in the order of ``caches``."""
-        spans, positions, start = [], [], 0
-        for cache, n in zip(caches, lengths, strict=True):
-            pos, slots = cache.reserve(n)
-            used = cache.used
-            mask = window_mask(pos, cache.pos[:used], cache.window, cache.n_sink)
-            spans.append(Span(start, start + n, mask, cache, slots, used))
+    def cached(cls, pool: KVPool, slots: list[int], lengths: list[int]) -> AttentionPlan:
+        """Append ``lengths[b]`` tokens to pool slot ``slots[b]``; rows are packed in that order."""
+        index, t_max = cls._packing(lengths)
+        positions, rows = [], []
+        qpos = torch.empty(len(slots), t_max, dtype=torch.long)
+        for b, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
+            pos, row = pool.reserve(slot, n)
             positions.append(pos)
-            start += n
-        return cls(spans, torch.cat(positions))
+            rows.append(row)
+            qpos[b] = pos[-1]  # padded queries repeat the last one (and are dropped)
+            qpos[b, :n] = pos
+        used = min(pool.capacity, max(pool.length[s] for s in slots))
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        sel: torch.Tensor | slice = slice(slots[0], slots[-1] + 1) if consecutive else torch.tensor(slots)
+        kpos = pool.pos[sel, :used]  # (B, used)
+        mask = window_mask(qpos, kpos, pool.window, pool.n_sink)[:, None]
+        row_slot = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))
+        return cls(torch.cat(positions), index, len(slots), t_max, mask, pool, sel, row_slot, torch.cat(rows),
+                   used)
 
     @classmethod
-    def full(cls, lengths: list[int], window: int, n_sink: int, device: str | torch.device = "cpu"
-             ) -> AttentionPlan:
+    def full(cls, lengths: list[int], window: int, n_sink: int) -> AttentionPlan:
         """Whole sequences from position 0, each attending to itself only (the same mask as streaming)."""
-        spans, positions, start = [], [], 0
-        for n in lengths:
-            pos = torch.arange(n, device=device)
-            spans.append(Span(start, start + n, window_mask(pos, pos, window, n_sink)))
-            positions.append(pos)
-            start += n
-        return cls(spans, torch.cat(positions))
+        index, t_max = cls._packing(lengths)
+        kpos = torch.full((len(lengths), t_max), -1, dtype=torch.long)
+        for b, n in enumerate(lengths):
+            kpos[b, :n] = torch.arange(n)
+        qpos = torch.where(kpos >= 0, kpos, torch.arange(t_max))  # padded queries see themselves only ...
+        mask = window_mask(qpos, kpos, window, n_sink) | torch.eye(t_max, dtype=torch.bool)  # ... not nothing
+        return cls(torch.cat([torch.arange(n) for n in lengths]), index, len(lengths), t_max, mask[:, None])

@@ -1,26 +1,28 @@
 """The token layout of a micro-turn in a session's one sequence, and :class:`Tokens`, a packed run of tokens.
 
 A session is one sequence. Each 200 ms micro-turn appends its user side, then the model's own side (``tiny``
-numbers; ``text_out`` and the grouping come from the config)::
+numbers; ``text_out``, the frame grouping and the video refresh come from the config)::
 
     user side   [USER b b b … | TOOL b b … | EVENT b …]   0–16 text tokens: typed text, background results,
                                                           control events (more waits for later micro-turns)
                 [p0 … p11]                                12 patch tokens of the camera frame, only when it is
-                                                          fresh (first, changed, or every 5th micro-turn); none
-                                                          with the camera off
-                [a0 a1 a2 a3]                             4 dMel tokens: 8 frames at 40 Hz, 2 frames a token
+                                                          fresh (first, changed, or every 10th micro-turn);
+                                                          none with the camera off
+                [a0 a1]                                   2 dMel tokens: 8 frames at 40 Hz, 4 frames a token
     model side  [c]                                       SPEAK or SILENT
                 [t0 t1]                                   caption bytes of what it says (or PAD)
-                [o0 o1 o2 o3]                             its own output audio, as dMel tokens like the input
+                [o0 o1]                                   its own output audio, as dMel tokens like the input
 
-Every token is predicted by the one before it: ``h(a3)`` gives the logits of ``c``, ``h(c)`` of ``t0``, ``h(t0)``
-of ``t1``; the flow head, conditioned on ``h(t1)``, generates the micro-turn's 8 output mel frames, which are
-quantised to dMel and become ``o0…o3``, so the model hears what it said. At inference the ``o`` tokens enter the
-trunk at the start of the next micro-turn's forward, which is the same sequence.
+So a quiet micro-turn is 7 tokens, 19 when a camera frame enters, plus any text. Every text token is predicted
+by the token before it: ``h(a1)`` gives the logits of ``c``, ``h(c)`` of ``t0``, ``h(t0)`` of ``t1``. The
+hidden state that predicts the last caption token (``h(t0)``) also conditions the flow head, which generates
+the micro-turn's 8 output mel frames; they are quantised to dMel and become ``o0 o1``, so the model hears what
+it said. At inference the last caption token and the ``o`` tokens enter the trunk at the start of the next
+micro-turn's forward — the same sequence, one forward per text token per tick (``1 + text_out`` forwards).
 
-Silence is ordinary input: silent audio is dMel bin 0 in every channel. "Not speaking" is ``c = SILENT``: the flow
-head is skipped, ``t0, t1`` are PAD, the ``o`` tokens are all bin 0 (silence) and the output audio is zeros.
-"""
+Silence is ordinary input: silent audio is dMel bin 0 in every channel. "Not speaking" is ``c = SILENT``: the
+flow head is skipped, ``t0, t1`` are PAD, the ``o`` tokens are all bin 0 (silence) and the output audio is
+zeros. """
 
 from __future__ import annotations
 
@@ -119,9 +121,10 @@ class TurnLayout:
 
     def targets(self, n_user: int) -> tuple[torch.Tensor, int]:
         """Within a whole micro-turn whose user side has ``n_user`` tokens: the rows whose logits predict
-        ``[c, t0, …]`` and the row whose hidden state conditions the flow head."""
+        ``[c, t0, ...]``, and the row whose hidden state conditions the flow head (the one that predicts the
+        last caption token)."""
         rows = torch.arange(n_user - 1, n_user + self.text_out)
-        return rows, n_user + self.text_out
+        return rows, int(rows[-1])
 
 
 def silent_caption(text_out: int) -> list[int]:

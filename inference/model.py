@@ -1,16 +1,14 @@
 """The reference interaction model: embeddings → decoder-only MoE transformer → text head and flow head.
 
-Pure structure, read top to bottom: norm → rotary embedding → attention → block → model. ``forward`` takes a packed
-ragged batch (the new tokens of many sessions, concatenated, no padding) and an
-:class:`~inference.kv_cache.AttentionPlan` saying which rows belong to which sequence and where their keys live; it
-knows nothing about sessions. Training and inference run this same code: training gives whole sequences with no
-cache, the engine gives a micro-turn's tokens with each session's cache.
-"""
+Pure structure, read top to bottom: norm → rotary embedding → attention → block → model. ``forward`` takes a
+packed ragged batch (the new tokens of many sessions, concatenated, no padding) and an
+:class:`~inference.kv_cache.AttentionPlan` saying which rows belong to which sequence and where their keys
+live; it knows nothing about sessions. Training and inference run this same code: training gives whole
+sequences with no cache, the engine gives a micro-turn's tokens with each session's cache. """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from inference.config import ModelConfig
@@ -34,7 +32,8 @@ class RMSNorm(nn.Module):
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for absolute ``positions`` (N,) → two (N, 1, head_dim / 2); angles in float64, exact at any
     position a long session reaches."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    even = torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device)
+    inv_freq = base ** (-even / head_dim)
     angles = positions.double()[:, None] * inv_freq[None]  # (N, D/2)
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
@@ -46,32 +45,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over each sequence's kept keys (its cache, or its own tokens)."""
+    """Grouped-query self-attention over each sequence's kept keys (its pool slot, or its own tokens)."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.layer, self.n_heads, self.head_dim = layer, cfg.n_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.layer, self.n_heads, self.n_kv, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: AttentionPlan
                 ) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.n_heads, self.head_dim).unbind(1)  # 3 × (N, H, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = torch.empty_like(q)
-        for span in plan.spans:
-            rows = slice(span.start, span.end)
-            qs = q[rows].transpose(0, 1)  # (H, T, D)
-            if span.cache is None or span.slots is None:
-                ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (H, T, D)
-            else:
-                span.cache.k[self.layer].index_copy_(1, span.slots, k[rows].transpose(0, 1))
-                span.cache.v[self.layer].index_copy_(1, span.slots, v[rows].transpose(0, 1))
-                ks = span.cache.k[self.layer, :, :span.used]  # (H, used, D)
-                vs = span.cache.v[self.layer, :, :span.used]
-            out[rows] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask).transpose(0, 1)
-        return self.proj(out.reshape(n, -1))
+        n, g = x.shape[0], self.n_heads // self.n_kv
+        q, k, v = self.qkv(x).view(n, -1, self.head_dim).split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (N, H, D), (N, Hkv, D)
+        pool = plan.pool
+        if pool is None:
+            keys, values = plan.pad(k), plan.pad(v)  # (B, Hkv, T, D)
+        else:
+            assert plan.row_slot is not None and plan.row_cache is not None and plan.slots is not None
+            pool.k[self.layer, plan.row_slot, :, plan.row_cache] = k
+            pool.v[self.layer, plan.row_slot, :, plan.row_cache] = v
+            keys = pool.k[self.layer, plan.slots, :, :plan.used]  # (B, Hkv, used, D)
+            values = pool.v[self.layer, plan.slots, :, :plan.used]
+        b, t = plan.batch, plan.t_max
+        queries = plan.pad(q).reshape(b, self.n_kv, g * t, self.head_dim)  # a group's queries share keys
+        scores = (queries @ keys.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, Hkv, g·T, keys)
+        mask = plan.mask.expand(b, g, t, -1).reshape(b, 1, g * t, -1)
+        out = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ values  # (B, Hkv, g·T, D)
+        return self.proj(plan.unpad(out.reshape(b, self.n_heads, t, self.head_dim)))
 
 
 class Block(nn.Module):

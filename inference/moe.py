@@ -1,16 +1,15 @@
 """Mixture-of-Experts feed-forward: a top-k router and SwiGLU experts, as separate, swappable pieces.
 
-Routing: softmax over expert scores; each token goes to the ``top_k`` experts with the highest
-``score + balance_bias`` and mixes them with its (renormalised) softmax scores. Nothing is ever dropped: there is no
+Routing: softmax over expert scores; each token goes to the ``top_k`` experts with the highest ``score +
+balance_bias`` and mixes them with its (renormalised) softmax scores. Nothing is ever dropped: there is no
 capacity limit, every token is computed by all of its ``top_k`` experts, in training and at inference alike.
 
 Balance is kept two ways, both of which work unchanged at inference:
-- the auxiliary-loss-free bias (DeepSeek-V3): a per-expert ``balance_bias`` that only affects which experts are
-  picked, nudged after each training step towards under-used experts (:meth:`Router.update_bias`); it is a buffer,
-  saved with the checkpoint, so inference routes exactly as the trained model did;
-- the Switch-Transformer balance loss ``E · Σ_e f_e · P_e`` (fraction of assignments × mean router probability),
-  returned for training.
-"""
+- the auxiliary-loss-free bias (DeepSeek-V3): a per-expert ``balance_bias`` that only affects which experts
+  are picked, nudged after each training step towards under-used experts (:meth:`Router.update_bias`); it is a
+  buffer, saved with the checkpoint, so inference routes exactly as the trained model did;
+- the Switch-Transformer balance loss ``E · Σ_e f_e · P_e`` (fraction of assignments × mean router
+  probability), returned for training. """
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from torch import nn
 
 @dataclass
 class Routing:
-    """Where each token goes. ``experts`` and ``weights`` are (N, k); ``load`` is assignments per expert (E,)."""
+    """Where each token goes: ``experts`` and ``weights`` (N, k); ``load``: assignments per expert (E,)."""
 
     experts: torch.Tensor
     weights: torch.Tensor
@@ -59,7 +58,8 @@ class Router(nn.Module):
 
 
 class SwiGLUExperts(nn.Module):
-    """``n`` SwiGLU MLPs with stacked weights; runs each expert on the tokens routed to it (grouped by expert)."""
+    """``n`` SwiGLU MLPs with stacked weights; each expert runs once per forward on the tokens routed to it,
+    so only the experts in use are read (what matters for small decode batches) and nothing is padded."""
 
     def __init__(self, n: int, d_model: int, d_hidden: int) -> None:
         super().__init__()
@@ -69,12 +69,12 @@ class SwiGLUExperts(nn.Module):
         self.w_down = nn.Parameter(torch.randn(n, d_hidden, d_model) * d_hidden ** -0.5)  # (E, h, d)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        n_tok, k = routing.experts.shape
+        k = routing.experts.shape[1]
         flat = routing.experts.reshape(-1)  # (N·k,)
         order = torch.argsort(flat, stable=True)
-        token = order // k  # which token each sorted assignment belongs to
-        xs = x[token]  # (N·k, d), grouped by expert
-        w = routing.weights.reshape(-1)[order, None]
+        token = order // k  # the token of each assignment, grouped by expert
+        xs = x[token]  # (N·k, d)
+        w = routing.weights.reshape(-1)[order, None]  # (N·k, 1)
         out = torch.zeros_like(x)
         start = 0
         for e, count in enumerate(routing.load.tolist()):
@@ -82,7 +82,7 @@ class SwiGLUExperts(nn.Module):
                 continue
             rows = slice(start, start + count)
             h = F.silu(xs[rows] @ self.w_gate[e]) * (xs[rows] @ self.w_up[e])  # (n_e, h)
-            out.index_add_(0, token[rows], (h @ self.w_down[e]) * w[rows])
+            out = out.index_add(0, token[rows], (h @ self.w_down[e]) * w[rows])
             start += count
         return out
 

@@ -1,21 +1,23 @@
-"""``reference``: the reference interaction model as an engine backend — sessions, batched ticks, seeded sampling.
+"""``reference``: the reference interaction model as an engine backend (sessions, batched ticks, sampling).
 
 The engine (:mod:`inference.engine`) calls :meth:`ReferenceModel.step` from its tick thread with at most one
-micro-turn per session. One step runs, for all of them together, ``2 + text_out`` forwards of the same packed
+micro-turn per session. One step runs, for all of them together, ``1 + text_out`` forwards of one packed
 ragged batch (the sessions' new tokens concatenated, no padding; each session attends over its own cache):
 
-1. the last micro-turn's output-audio tokens and this micro-turn's user side → logits of ``SPEAK`` / ``SILENT``;
-2. that token → logits of caption token 0; … ; the last caption token → the flow head's conditioning;
+1. the rest of the last micro-turn's model side (its last caption token and output-audio tokens) and this
+   micro-turn's user side → logits of ``SPEAK`` / ``SILENT``;
+2. that token → logits of caption token 0; … ; caption token ``text_out - 2`` → logits of the last one, whose
+   hidden state also conditions the flow head;
 
 then the flow head (speaking sessions only) and the vocoder. See :mod:`inference.layout` for the token layout.
 
 Session state (:class:`Session`) is created by :meth:`open`, touched only by the tick thread and dropped by
-:meth:`close`: its :class:`~inference.kv_cache.KVCache` (bounded: sinks + sliding window, allocated once), the last
-624 audio samples (dMel context), pending user text, the last camera frame that entered the context, the output
-tokens not yet in the cache, and the caption decoder. Nothing else grows with the length of a session.
+:meth:`close`: its slot of the :class:`~inference.kv_cache.KVPool` (bounded: sinks + sliding window), the last
+624 audio samples (dMel context), pending user text, the last camera frame that entered the context, the
+output tokens not yet in the cache, and the caption decoder. Nothing else grows with the length of a session.
 
-Randomness (text sampling, flow noise) comes from a generator seeded by ``(session seed, micro-turn index)`` only,
-so a context rebuilt elsewhere from the same inputs reproduces the same outputs, alone or in any batch.
+Randomness (text sampling, flow noise) comes from a generator seeded by ``(session seed, micro-turn index)``
+only, so a context rebuilt elsewhere from the same inputs reproduces the same outputs, alone or in any batch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from inference import tokenizer
 from inference.checkpoint import load_checkpoint
 from inference.dmel import LOG_MIN, DMelStream, quantize
-from inference.kv_cache import AttentionPlan, KVCache
+from inference.kv_cache import AttentionPlan, KVPool
 from inference.layout import AUDIO_OUT, Tokens, TurnLayout
 from inference.model import ReferenceNet
 from inference.video import patch_grid, to_patches
@@ -66,14 +68,14 @@ class Session:
     """One session's state between micro-turns (owned by :class:`ReferenceModel`)."""
 
     seed: int
-    cache: KVCache
+    slot: int  # its rows in the KV pool
     audio_context: torch.Tensor  # (624,) last input samples
+    voice_context: torch.Tensor  # (vocoder_context, 80) last output log-mel frames
     text_backlog: deque[int] = field(default_factory=deque)
     pending: Tokens | None = None  # the last micro-turn's output-audio tokens, not yet in the cache
     last_frame: np.ndarray | None = None  # the camera frame that last entered the context
     since_frame: int = 0
     captions: tokenizer.CaptionDecoder = field(default_factory=tokenizer.CaptionDecoder)
-    voice_context: torch.Tensor | None = None  # (vocoder_context, 80) last output log-mel frames
     trace: Trace | None = None
 
 
@@ -91,6 +93,10 @@ class ReferenceModel:
         self.vocoder: Vocoder = vocoder if vocoder is not None else GriffinLim(self.cfg.griffin_lim_iters)
         self.record = record
         self.sessions: dict[str, Session] = {}
+        c = self.cfg
+        self.pool = KVPool(c.n_layers, c.n_kv_heads, c.head_dim, c.n_sink, c.window, c.max_step_tokens,
+                           device=self.device)
+        self._slot_owner: list[str] = []
         self.expert_load = torch.zeros(self.cfg.n_layers, self.cfg.n_experts, dtype=torch.long)
 
     @classmethod
@@ -99,19 +105,23 @@ class ReferenceModel:
 
     # sessions
 
-    def new_cache(self, max_step_tokens: int | None = None) -> KVCache:
-        c = self.cfg
-        return KVCache(c.n_layers, c.n_heads, c.head_dim, c.n_sink, c.window,
-                       max_step_tokens or c.max_step_tokens, device=self.device)
-
     def open(self, session_id: str, seed: int) -> None:
         if session_id in self.sessions:
             raise ValueError(f"session {session_id} is already open")
-        self.sessions[session_id] = Session(seed, self.new_cache(), DMelStream.initial_state(),
+        silence = torch.full((self.cfg.vocoder_context, self.cfg.n_mels), LOG_MIN)
+        self.sessions[session_id] = Session(seed, self.pool.alloc(), DMelStream.initial_state(), silence,
                                             trace=Trace() if self.record else None)
+        self._slot_owner.append(session_id)
 
     def close(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
+        s = self.sessions.pop(session_id, None)
+        if s is None:
+            return
+        moved = self.pool.free(s.slot)
+        last = self._slot_owner.pop()
+        if moved is not None:
+            self._slot_owner[s.slot] = last
+            self.sessions[last].slot = s.slot
 
     # one tick
 
@@ -120,13 +130,20 @@ class ReferenceModel:
             return []
         if len({t.session_id for t in turns}) != len(turns):
             raise ValueError("at most one micro-turn per session in a step")
+        # in pool-slot order, so that a tick of all open sessions reads the KV pool without copying
+        order = sorted(range(len(turns)), key=lambda i: self.sessions[turns[i].session_id].slot)
         with torch.inference_mode():
-            return self._step(turns)
+            outputs = self._step([turns[i] for i in order])
+        result: list[MicroTurnOutput | None] = [None] * len(turns)
+        for i, out in zip(order, outputs, strict=True):
+            result[i] = out
+        return [out for out in result if out is not None]
 
     def _step(self, turns: list[MicroTurn]) -> list[MicroTurnOutput]:
         cfg = self.cfg
         sessions = [self.sessions[t.session_id] for t in turns]
-        gens = [torch.Generator().manual_seed(turn_seed(s.seed, t.index)) for s, t in zip(sessions, turns)]
+        gens = [torch.Generator().manual_seed(turn_seed(s.seed, t.index))
+                for s, t in zip(sessions, turns, strict=True)]
         audio = torch.from_numpy(np.stack([t.audio for t in turns]))
         bins, contexts = self.features.step(audio, torch.stack([s.audio_context for s in sessions]))
         user_sides, runs = [], []
@@ -149,7 +166,7 @@ class ReferenceModel:
             last = [i if talk else tokenizer.PAD for i, talk in zip(sampled, speaking, strict=True)]
             for ids, i in zip(caption, last, strict=True):
                 ids.append(i)
-        cond = self._advance(sessions, [self._text(i) for i in last])  # (B, d)
+        cond = h  # (B, d): the state that predicted the last caption token
 
         frames = cfg.frames_per_turn
         mel = torch.full((len(turns), frames, cfg.n_mels), LOG_MIN)
@@ -162,19 +179,20 @@ class ReferenceModel:
 
         outputs = []
         for b, (s, t) in enumerate(zip(sessions, turns, strict=True)):
-            s.pending = Tokens.of_audio(out_bins[b], cfg.frames_per_token, AUDIO_OUT)
+            s.pending = Tokens.cat([self._text(last[b]), Tokens.of_audio(out_bins[b], cfg.frames_per_token,
+                                                                          AUDIO_OUT)])
             if s.trace is not None:
-                s.trace.turns.append(Tokens.cat([user_sides[b],
-                                                 self.layout.model_side(control[b], caption[b], out_bins[b])]))
+                model_side = self.layout.model_side(control[b], caption[b], out_bins[b])
+                s.trace.turns.append(Tokens.cat([user_sides[b], model_side]))
                 s.trace.logits.append(torch.stack([step_logits[b] for step_logits in logits]).cpu())
                 s.trace.flow_cond.append(cond[b].cpu())
             outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], s.captions.feed(caption[b])))
         return outputs
 
     def _advance(self, sessions: list[Session], runs: list[Tokens]) -> torch.Tensor:
-        """Append each session's run of tokens to its cache; the hidden state of each run's last token (B, d)."""
+        """Append each run to its session's cache; the hidden state of each run's last token: (B, d)."""
         tokens = Tokens.cat(runs)
-        plan = AttentionPlan.cached([s.cache for s in sessions], [len(r) for r in runs])
+        plan = AttentionPlan.cached(self.pool, [s.slot for s in sessions], [len(r) for r in runs])
         h, routings = self.net(self.net.embed(tokens), plan)
         self.expert_load += torch.stack([r.load for r in routings]).cpu()
         ends = torch.tensor([len(r) for r in runs]).cumsum(0) - 1
@@ -183,7 +201,8 @@ class ReferenceModel:
     def _text(self, token: int) -> Tokens:
         return Tokens.of_text([token], self.cfg.frames_per_token, self.cfg.n_mels)
 
-    def _sample(self, logits: torch.Tensor, gens: list[torch.Generator], allowed: tuple[int, ...]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, gens: list[torch.Generator], allowed: tuple[int, ...]
+                ) -> list[int]:
         choices = torch.tensor(allowed)
         sub = logits[:, choices].float().cpu()  # (B, len(allowed))
         if self.cfg.temperature <= 0:
@@ -207,8 +226,9 @@ class ReferenceModel:
         n = min(self.cfg.text_in_max, len(s.text_backlog))
         return [s.text_backlog.popleft() for _ in range(n)]
 
-    def _fresh_frame(self, s: Session, video: np.ndarray | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The frame's patches if it enters the context this micro-turn (first, changed, or due), else None."""
+    def _fresh_frame(self, s: Session, video: np.ndarray | None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The frame's patches and grid if it enters the context now (first, changed, or due), else None."""
         if video is None:
             s.since_frame += 1
             return None, None
@@ -234,8 +254,7 @@ class ReferenceModel:
         ctx = self.cfg.vocoder_context
         out = [np.zeros(MICRO_TURN_SAMPLES, dtype=np.float32) for _ in sessions]
         if talkers:
-            prev = torch.stack([sessions[b].voice_context if sessions[b].voice_context is not None
-                                else torch.full((ctx, self.cfg.n_mels), LOG_MIN) for b in talkers])
+            prev = torch.stack([sessions[b].voice_context for b in talkers])
             audio = self.vocoder(torch.cat([prev, mel[talkers]], dim=1))[:, -MICRO_TURN_SAMPLES:]
             for i, b in enumerate(talkers):
                 out[b] = audio[i].numpy().astype(np.float32)
@@ -250,14 +269,12 @@ class ReferenceModel:
         s = self.sessions[session_id]
         if s.trace is None:
             raise ValueError("reprefill needs a model made with record=True")
-        chunk = 256
-        cache = self.new_cache(max_step_tokens=chunk)
+        chunk = self.pool.max_step_tokens
+        self.pool.reset(s.slot)
         history = Tokens.cat(s.trace.turns)
         with torch.inference_mode():
             for start in range(0, len(history), chunk):
                 part = history.rows(start, min(start + chunk, len(history)))
-                plan = AttentionPlan.cached([cache], [len(part)])
-                self.net(self.net.embed(part), plan)
-        s.cache = cache
+                self.net(self.net.embed(part), AttentionPlan.cached(self.pool, [s.slot], [len(part)]))
         s.pending = None
 

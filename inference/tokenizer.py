@@ -4,8 +4,8 @@ Ids 0–255 are bytes. The specials mark what a run of text is, or what the mode
 
 - ``PAD``: "no text here" (a caption slot the model leaves empty);
 - ``SPEAK`` / ``SILENT``: the model's first output of every micro-turn: whether it speaks in it;
-- ``USER`` / ``TOOL`` / ``EVENT``: start of user-typed text, of a background-model result, of a control event name.
-"""
+- ``USER`` / ``TOOL`` / ``EVENT``: start of user-typed text, of a background-model result, of a control event
+  name. """
 
 from __future__ import annotations
 

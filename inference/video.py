@@ -1,9 +1,9 @@
 """Video patch tokens: a camera frame cut into 40×40 patches, each embedded by a hierarchical MLP stem.
 
-The stem (hMLP, as in "Three things everyone should know about Vision Transformers") is three per-patch stages whose
-stride equals their kernel, so patches never mix: 5×5 pixel cells → 10×10 → the whole 40×40 patch, each stage a
-linear layer and a layer norm (never batch norm: a patch's token does not depend on what else is in the batch).
-"""
+The stem (hMLP, as in "Three things everyone should know about Vision Transformers") is three per-patch stages
+whose stride equals their kernel, so patches never mix: 5×5 pixel cells → 10×10 → the whole 40×40 patch, each
+stage a linear layer and a layer norm (never batch norm: a patch's token does not depend on what else is in
+the batch). """
 
 from __future__ import annotations
 

@@ -1,0 +1,125 @@
+"""The reference backend: batching does not change a session's outputs, sampling is seeded per (session,
+index), sessions free everything on close, and it plugs into the engine like ``echo``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import torch
+
+from inference.engine import Engine
+from inference.reference import ReferenceModel
+from microturn.contracts import MICRO_TURN_SAMPLES, ControlEvent, MicroTurn, MicroTurnOutput
+from tests._reference_helpers import make_net, make_turn, run, small_config
+
+
+def _outputs(model: ReferenceModel, session_id: str, seed: int, start: int, n: int) -> list[MicroTurnOutput]:
+    return [model.step([make_turn(session_id, k, seed)])[0] for k in range(start, start + n)]
+
+
+def test_outputs_are_the_same_alone_or_batched_with_other_lengths() -> None:
+    cfg = small_config()
+    alone = ReferenceModel(make_net(cfg), record=True)
+    alone.open("a", seed=7)
+    solo = _outputs(alone, "a", 0, 0, 10)
+
+    batched = ReferenceModel(make_net(cfg), record=True)
+    batched.open("b", seed=1)
+    run(batched, "b", 9, seed=1)  # an older session, longer than the window
+    batched.open("a", seed=7)
+    batched.open("c", seed=2)
+    run(batched, "c", 2, seed=2)
+    together = []
+    for k in range(10):
+        turns = [make_turn("c", k + 2, 2), make_turn("a", k, 0), make_turn("b", k + 9, 1)]
+        outs = batched.step(turns)
+        assert [o.session_id for o in outs] == ["c", "a", "b"]
+        together.append(outs[1])
+    ta, tb = alone.sessions["a"].trace, batched.sessions["a"].trace
+    assert ta is not None and tb is not None
+    torch.testing.assert_close(torch.cat(ta.logits), torch.cat(tb.logits), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(ta.flow_cond), torch.stack(tb.flow_cond), atol=1e-4, rtol=1e-4)
+    assert [o.text for o in solo] == [o.text for o in together]
+    for x, y in zip(solo, together, strict=True):  # Griffin-Lim's FFTs batch differently: close, not equal
+        assert float(np.abs(x.audio - y.audio).mean()) < 1e-3
+
+
+def test_same_seed_same_outputs_other_seed_other_outputs() -> None:
+    cfg = small_config()
+    runs = []
+    for seed in (5, 5, 6):
+        model = ReferenceModel(make_net(cfg))
+        model.open("s", seed=seed)
+        runs.append(_outputs(model, "s", 0, 0, 8))
+    assert [o.text for o in runs[0]] == [o.text for o in runs[1]]
+    assert all(np.array_equal(x.audio, y.audio) for x, y in zip(runs[0], runs[1], strict=True))
+    assert any(not np.array_equal(x.audio, y.audio) for x, y in zip(runs[0], runs[2], strict=True))
+
+
+def test_output_contract_and_silence() -> None:
+    model = ReferenceModel(make_net(small_config()))
+    model.open("s", seed=0)
+    speaking = silent = 0
+    for k in range(12):
+        turn = make_turn("s", k, text=("é" * 20,) if k == 0 else (),
+                         events=(ControlEvent("background_result", {"text": "42"}),) if k == 3 else ())
+        out = model.step([turn])[0]
+        assert (out.session_id, out.index) == ("s", k)
+        assert out.audio.shape == (MICRO_TURN_SAMPLES,) and out.audio.dtype == np.float32
+        assert isinstance(out.text, str)
+        if np.any(out.audio):
+            speaking += 1
+        else:
+            silent += 1
+            assert out.text == ""
+    assert speaking and silent  # a random model does both
+
+
+def test_video_enters_when_fresh_and_odd_sizes_are_fitted() -> None:
+    model = ReferenceModel(make_net(small_config()), record=True)
+    model.open("s", seed=0)
+    frame = np.zeros((120, 160, 3), np.uint8)
+    big = np.zeros((240, 320, 3), np.uint8)
+    for k, video in enumerate([frame, frame, frame + 100, None, big]):
+        model.step([MicroTurn("s", k, np.zeros(3200, np.float32), video)])
+    trace = model.sessions["s"].trace
+    assert trace is not None
+    assert [len(t.patches) for t in trace.turns] == [12, 0, 12, 0, 12]
+
+
+def test_close_frees_the_slot_and_many_sessions_leave_nothing() -> None:
+    model = ReferenceModel(make_net(small_config()))
+    for i in range(20):
+        model.open(f"s{i}", seed=i)
+        model.step([make_turn(f"s{j}", i - j) for j in range(max(0, i - 3), i + 1)])
+        if i >= 3:
+            model.close(f"s{i - 3}")
+    assert model.pool.open_slots == 3
+    for sid in list(model.sessions):
+        model.close(sid)
+    assert model.pool.open_slots == 0 and not model.sessions
+    model.close("never-opened")
+
+
+def test_expert_load_is_counted() -> None:
+    model = ReferenceModel(make_net(small_config()))
+    model.open("s", seed=0)
+    run(model, "s", 3)
+    load = model.expert_load
+    assert load.shape == (model.cfg.n_layers, model.cfg.n_experts)
+    assert torch.all(load.sum(dim=1) == load.sum(dim=1)[0])  # every layer routes every token
+    assert int(load.sum(dim=1)[0]) % model.cfg.top_k == 0
+
+
+async def test_plugs_into_the_engine() -> None:
+    engine = Engine(ReferenceModel(make_net(small_config())))
+    await engine.start()
+    try:
+        await engine.open_session("x", seed=1)
+        await engine.open_session("y", seed=2)
+        futures = [engine.submit(make_turn(sid, k)) for k in range(3) for sid in ("x", "y")]
+        outs = await asyncio.wait_for(asyncio.gather(*futures), timeout=60)
+        assert [(o.session_id, o.index) for o in outs] == [(s, k) for k in range(3) for s in ("x", "y")]
+    finally:
+        await engine.stop()
