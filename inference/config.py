@@ -30,7 +30,7 @@ class ModelConfig:
     d_shared: int = 192  # hidden width of the always-on shared expert; 0: no shared expert
     # text (bytes + specials, see inference.tokenizer)
     vocab_size: int = 264
-    text_in_max: int = 16  # user-side text tokens per micro-turn; longer input waits for the next micro-turns
+    text_in: int = 4  # user-side text slots per micro-turn (PAD when empty); longer input waits its turn
     text_out: int = 2  # caption tokens the model writes per micro-turn (after its speak / silent token)
     # audio (dMel in, mel out)
     hop: int = 400  # 25 ms at 16 kHz: 40 frames per second, 8 per micro-turn
@@ -42,8 +42,7 @@ class ModelConfig:
     # video (40x40 patches through a hierarchical MLP stem)
     video_height: int = VIDEO_HEIGHT
     video_width: int = VIDEO_WIDTH
-    video_every: int = 10  # a camera frame enters the context at least every N micro-turns (2 s) ...
-    video_change: float = 6.0  # ... or once its mean absolute pixel change since the last one exceeds this
+    video_slots: int = 2  # patch tokens per micro-turn, scanning the latest frame: all 12 every 6 (1.2 s)
     stem_dims: tuple[int, int] = (48, 96)  # widths of the stem's 5x5 and 10x10 stages
     # flow head (rectified flow over one micro-turn of output mel)
     flow_dim: int = 256
@@ -52,7 +51,7 @@ class ModelConfig:
     # bounded attention (per session: sink tokens + sliding window; see inference.kv_cache)
     window: int = 512  # tokens a query may look back (besides the sinks)
     n_sink: int = 16  # first tokens of a session, kept for ever
-    max_step_tokens: int = 64  # most tokens one session appends in one forward
+    max_step_tokens: int = 13  # most tokens one session appends in one forward (one micro-turn: 13 in tiny)
     # sampling and vocoder
     temperature: float = 1.0
     griffin_lim_iters: int = 8
@@ -67,6 +66,8 @@ class ModelConfig:
             raise ValueError(f"video sides must be multiples of {PATCH}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
+        if self.max_step_tokens < self.turn_tokens:
+            raise ValueError(f"max_step_tokens must hold one micro-turn ({self.turn_tokens} tokens)")
         if self.top_k > self.n_experts:
             raise ValueError("top_k cannot exceed n_experts")
 
@@ -83,6 +84,11 @@ class ModelConfig:
     def audio_tokens(self) -> int:
         """Audio tokens per micro-turn, each way (2: four frames each)."""
         return self.frames_per_turn // self.frames_per_token
+
+    @property
+    def turn_tokens(self) -> int:
+        """Tokens of one micro-turn, user side and model side: the same for every micro-turn."""
+        return self.text_in + self.video_slots + self.audio_tokens + 1 + self.text_out + self.audio_tokens
 
     @property
     def patches(self) -> int:
@@ -104,17 +110,19 @@ class ModelConfig:
         return cls(**values)
 
 
+def _gpu(**shape: Any) -> ModelConfig:
+    """A GPU preset: more text per micro-turn and a better (slower) Griffin-Lim."""
+    return ModelConfig(text_out=3, text_in=6, max_step_tokens=16, griffin_lim_iters=32, **shape)
+
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
-    "small": ModelConfig(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, n_experts=16, d_expert=512,
-                         d_shared=512, text_out=3, window=2048, n_sink=32, flow_dim=512,
-                         griffin_lim_iters=32),
-    "base": ModelConfig(d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, n_experts=32, d_expert=704,
-                        d_shared=1408, text_out=3, window=4096, n_sink=64, stem_dims=(96, 192), flow_dim=1024,
-                        flow_layers=4, griffin_lim_iters=32),
-    "large": ModelConfig(d_model=2048, n_layers=24, n_heads=16, n_kv_heads=4, n_experts=64, top_k=4,
-                         d_expert=1024, d_shared=2048, text_out=3, window=8192, n_sink=64,
-                         stem_dims=(128, 256), flow_dim=1536, flow_layers=6, griffin_lim_iters=32),
+    "small": _gpu(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, n_experts=16, d_expert=512, d_shared=512,
+                  window=2048, n_sink=32, flow_dim=512),
+    "base": _gpu(d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, n_experts=32, d_expert=704,
+                 d_shared=1408, window=4096, n_sink=64, stem_dims=(96, 192), flow_dim=1024, flow_layers=4),
+    "large": _gpu(d_model=2048, n_layers=24, n_heads=16, n_kv_heads=4, n_experts=64, top_k=4, d_expert=1024,
+                  d_shared=2048, window=8192, n_sink=64, stem_dims=(128, 256), flow_dim=1536, flow_layers=6),
 }
 
 

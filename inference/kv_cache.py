@@ -27,7 +27,7 @@ bounded window. """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -94,14 +94,29 @@ class KVPool:
         if slot < len(self.length):
             self.length[slot] = 0
 
+    def load(self, slot: int, other: KVPool, other_slot: int) -> None:
+        """Make ``slot`` hold what ``other``'s slot holds (same window and sinks, any ring size)."""
+        length = other.length[other_slot]
+        kept = other.pos[other_slot]
+        kept = kept[(kept >= 0) & ((kept < self.n_sink) | (kept >= length - (self.capacity - self.n_sink)))]
+        rows, source = self._rows(kept), other._rows(kept)
+        self.pos[slot] = -1
+        self.pos[slot, rows] = kept
+        self.k[:, slot, :, rows] = other.k[:, other_slot, :, source]
+        self.v[:, slot, :, rows] = other.v[:, other_slot, :, source]
+        self.length[slot] = length
+
+    def _rows(self, pos: torch.Tensor) -> torch.Tensor:
+        ring = self.capacity - self.n_sink
+        return torch.where(pos < self.n_sink, pos, self.n_sink + (pos - self.n_sink) % ring)
+
     def reserve(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and rows for the next ``n`` tokens of ``slot``; marks the rows as holding them."""
         if n > self.max_step_tokens:
             raise ValueError(f"{n} tokens in one step; the pool takes at most {self.max_step_tokens}")
         start = self.length[slot]
         pos = torch.arange(start, start + n, device=self.device)
-        ring = self.capacity - self.n_sink
-        rows = torch.where(pos < self.n_sink, pos, self.n_sink + (pos - self.n_sink) % ring)
+        rows = self._rows(pos)
         self.pos[slot, rows] = pos
         self.length[slot] = start + n
         return pos, rows
@@ -135,6 +150,17 @@ class AttentionPlan:
     row_slot: torch.Tensor | None = None  # (N,)
     row_cache: torch.Tensor | None = None  # (N,)
     used: int = 0
+    _biases: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def bias(self, n_kv: int, group: int) -> torch.Tensor:
+        """The mask as an additive bias for ``n_kv`` key heads shared by ``group`` query heads each:
+        (B * n_kv, group * T_max, keys), 0 where a query sees a key, -inf elsewhere; made once per forward."""
+        key = (n_kv, group)
+        if key not in self._biases:
+            b, _, t, keys = self.mask.shape
+            bias = torch.zeros(self.mask.shape).masked_fill_(~self.mask, float("-inf"))
+            self._biases[key] = bias.expand(b, n_kv * group, t, keys).reshape(b * n_kv, group * t, keys)
+        return self._biases[key]
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, D) → (B, H, T_max, D), zeros where a sequence is shorter."""

@@ -1,28 +1,30 @@
-"""The token layout of a micro-turn in a session's one sequence, and :class:`Tokens`, a packed run of tokens.
+"""The token layout of a micro-turn in a session's one sequence; :class:`Tokens`, a packed run of tokens.
 
-A session is one sequence. Each 200 ms micro-turn appends its user side, then the model's own side (``tiny``
-numbers; ``text_out``, the frame grouping and the video refresh come from the config)::
+Every micro-turn has the same layout and length (13 tokens in ``tiny``; the slot counts come from the
+config), so every session appends the same number of tokens per tick and batched attention pads nothing::
 
-    user side   [USER b b b … | TOOL b b … | EVENT b …]   0–16 text tokens: typed text, background results,
-                                                          control events (more waits for later micro-turns)
-                [p0 … p11]                                12 patch tokens of the camera frame, only when it is
-                                                          fresh (first, changed, or every 10th micro-turn);
-                                                          none with the camera off
-                [a0 a1]                                   2 dMel tokens: 8 frames at 40 Hz, 4 frames a token
-    model side  [c]                                       SPEAK or SILENT
-                [t0 t1]                                   caption bytes of what it says (or PAD)
-                [o0 o1]                                   its own output audio, as dMel tokens like the input
+    user side   [x0 x1 x2 x3]   text slots: bytes of typed text (after USER), background results (after TOOL),
+                                control events (after EVENT); PAD when there is nothing. Longer input waits
+                                for later micro-turns (4 bytes per 200 ms)
+                [v0 v1]         two patch tokens of the latest camera frame, scanning its 12 patches in order
+                                (the whole frame every 6 micro-turns, 1.2 s); NO_VIDEO with the camera off
+                [a0 a1]         dMel in: 8 frames at 40 Hz, 4 frames a token
+    model side  [c]             SPEAK or SILENT
+                [t0 t1]         caption bytes of what it says (or PAD)
+                [o0 o1]         its own output audio, as dMel tokens like the input
 
-So a quiet micro-turn is 7 tokens, 19 when a camera frame enters, plus any text. Every text token is predicted
-by the token before it: ``h(a1)`` gives the logits of ``c``, ``h(c)`` of ``t0``, ``h(t0)`` of ``t1``. The
-hidden state that predicts the last caption token (``h(t0)``) also conditions the flow head, which generates
-the micro-turn's 8 output mel frames; they are quantised to dMel and become ``o0 o1``, so the model hears what
-it said. At inference the last caption token and the ``o`` tokens enter the trunk at the start of the next
-micro-turn's forward — the same sequence, one forward per text token per tick (``1 + text_out`` forwards).
+A session's sequence starts with one silent model side (the model was quiet before the call), then ``user
+side, model side`` for each micro-turn. The trunk predicts the whole model side from one place, its state
+``h`` at the last user-side token (``a1``): a small depth head unrolls ``c, t0, t1`` from ``h`` one after
+another (each sampled token feeds the next step), and its final state, which has seen them all, conditions
+the flow head that generates the micro-turn's 8 output mel frames. Those are quantised to dMel and become
+``o0 o1``, so the model hears what it said. At inference a micro-turn's model side enters the trunk at the
+start of the next micro-turn's forward, before its user side: the same sequence, one trunk forward per tick.
 
-Silence is ordinary input: silent audio is dMel bin 0 in every channel. "Not speaking" is ``c = SILENT``: the
-flow head is skipped, ``t0, t1`` are PAD, the ``o`` tokens are all bin 0 (silence) and the output audio is
-zeros. """
+Silence is ordinary input: silent audio is dMel bin 0 in every channel. "Not speaking" is ``c = SILENT``:
+the flow head is skipped, ``t0, t1`` are PAD, the ``o`` tokens are all bin 0 (silence) and the output audio
+is zeros.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from inference import tokenizer
+from inference.config import ModelConfig
 
 TEXT, AUDIO_IN, AUDIO_OUT, PATCH = 0, 1, 2, 3
 """Token kinds."""
@@ -95,37 +98,56 @@ class Tokens:
 
 @dataclass
 class TurnLayout:
-    """Builds micro-turn token runs for one model config."""
+    """Builds the fixed-size token runs of micro-turns for one model config."""
 
     frames_per_token: int
     n_mels: int
+    text_in: int
+    video_slots: int
     text_out: int
+    audio_tokens: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> TurnLayout:
+        return cls(cfg.frames_per_token, cfg.n_mels, cfg.text_in, cfg.video_slots, cfg.text_out,
+                   cfg.audio_tokens)
+
+    @property
+    def n_user(self) -> int:
+        return self.text_in + self.video_slots + self.audio_tokens
+
+    @property
+    def n_model(self) -> int:
+        return 1 + self.text_out + self.audio_tokens
 
     def user_side(self, text_ids: list[int], patches: torch.Tensor | None, grid: torch.Tensor | None,
                   audio_bins: torch.Tensor) -> Tokens:
-        """Text, then the camera frame's patches (if fresh), then the audio-in tokens ((8, 80) bins)."""
-        parts = []
-        if text_ids:
-            parts.append(Tokens.of_text(text_ids, self.frames_per_token, self.n_mels))
-        if patches is not None and grid is not None:
-            parts.append(Tokens.of_patches(patches, grid, self.frames_per_token, self.n_mels))
-        parts.append(Tokens.of_audio(audio_bins, self.frames_per_token, AUDIO_IN))
-        return Tokens.cat(parts)
+        """``text_in`` text slots (PAD-filled), ``video_slots`` patches (NO_VIDEO without a camera), then the
+        audio-in tokens of (frames, n_mels) bins."""
+        if len(text_ids) > self.text_in:
+            raise ValueError(f"at most {self.text_in} text tokens in a micro-turn, got {len(text_ids)}")
+        text = text_ids + [tokenizer.PAD] * (self.text_in - len(text_ids))
+        if patches is None or grid is None:
+            no_video = [tokenizer.NO_VIDEO] * self.video_slots
+            video = Tokens.of_text(no_video, self.frames_per_token, self.n_mels)
+        else:
+            video = Tokens.of_patches(patches, grid, self.frames_per_token, self.n_mels)
+        return Tokens.cat([Tokens.of_text(text, self.frames_per_token, self.n_mels), video,
+                           Tokens.of_audio(audio_bins, self.frames_per_token, AUDIO_IN)])
 
     def model_side(self, control: int, text_ids: list[int], out_bins: torch.Tensor) -> Tokens:
-        """``c``, the ``text_out`` caption tokens, then the output-audio tokens ((8, 80) bins)."""
+        """``c``, the ``text_out`` caption tokens, then the output-audio tokens of (frames, n_mels) bins."""
         if len(text_ids) != self.text_out:
             raise ValueError(f"expected {self.text_out} caption tokens, got {len(text_ids)}")
         return Tokens.cat([Tokens.of_text([control, *text_ids], self.frames_per_token, self.n_mels),
                            Tokens.of_audio(out_bins, self.frames_per_token, AUDIO_OUT)])
 
-    def targets(self, n_user: int) -> tuple[torch.Tensor, int]:
-        """Within a whole micro-turn whose user side has ``n_user`` tokens: the rows whose logits predict
-        ``[c, t0, ...]``, and the row whose hidden state conditions the flow head (the one that predicts the
-        last caption token)."""
-        rows = torch.arange(n_user - 1, n_user + self.text_out)
-        return rows, int(rows[-1])
+    def silent_model_side(self) -> Tokens:
+        """What every sequence starts with: the model was silent before the session began."""
+        frames = self.audio_tokens * self.frames_per_token
+        return self.model_side(tokenizer.SILENT, [tokenizer.PAD] * self.text_out,
+                               torch.zeros(frames, self.n_mels, dtype=torch.long))
 
-
-def silent_caption(text_out: int) -> list[int]:
-    return [tokenizer.PAD] * text_out
+    def video_patches(self, index: int, n_patches: int) -> torch.Tensor:
+        """Which patches of its frame micro-turn ``index`` carries: a scan over the frame."""
+        return (index * self.video_slots + torch.arange(self.video_slots)) % n_patches

@@ -9,6 +9,7 @@ sequences with no cache, the engine gives a micro-turn's tokens with each sessio
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inference.config import ModelConfig
@@ -26,7 +27,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,12 +68,12 @@ class Attention(nn.Module):
             pool.v[self.layer, plan.row_slot, :, plan.row_cache] = v
             keys = pool.k[self.layer, plan.slots, :, :plan.used]  # (B, Hkv, used, D)
             values = pool.v[self.layer, plan.slots, :, :plan.used]
-        b, t = plan.batch, plan.t_max
-        queries = plan.pad(q).reshape(b, self.n_kv, g * t, self.head_dim)  # a group's queries share keys
-        scores = (queries @ keys.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, Hkv, g·T, keys)
-        mask = plan.mask.expand(b, g, t, -1).reshape(b, 1, g * t, -1)
-        out = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ values  # (B, Hkv, g·T, D)
-        return self.proj(plan.unpad(out.reshape(b, self.n_heads, t, self.head_dim)))
+        b, t, d = plan.batch, plan.t_max, self.head_dim
+        queries = plan.pad(q).reshape(b * self.n_kv, g * t, d)  # a group's queries share their keys
+        keys, values = keys.reshape(b * self.n_kv, -1, d), values.reshape(b * self.n_kv, -1, d)
+        scores = torch.baddbmm(plan.bias(self.n_kv, g), queries, keys.transpose(1, 2), alpha=d**-0.5)
+        out = torch.bmm(scores.softmax(dim=-1), values)  # (B·Hkv, g·T, D)
+        return self.proj(plan.unpad(out.view(b, self.n_heads, t, d)))
 
 
 class Block(nn.Module):
@@ -90,6 +91,30 @@ class Block(nn.Module):
         return x + y, routing
 
 
+class DepthHead(nn.Module):
+    """The model's text tokens of one micro-turn, one after another, from the trunk's state at its last user
+    token: a small residual recurrence, so a micro-turn costs one trunk forward however many tokens it writes.
+
+    ``z_0 = h``; ``z_{j+1} = z_j + MLP(norm(z_j + emb(token_j) + pos_j))``. ``z_j`` gives the logits of token
+    ``j`` (``SPEAK``/``SILENT``, then the captions); the last state, after every token is known, conditions
+    the flow head.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.emb = nn.Embedding(cfg.vocab_size, d)
+        self.pos = nn.Embedding(1 + cfg.text_out, d)
+        self.norm = RMSNorm(d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        self.out_norm = RMSNorm(d)
+
+    def step(self, z: torch.Tensor, token: torch.Tensor, j: int) -> torch.Tensor:
+        """(B, d), (B,) → (B, d): the state after token ``j``."""
+        return z + self.down(F.gelu(self.up(self.norm(z + self.emb(token) + self.pos.weight[j]))))
+
+
 class ReferenceNet(nn.Module):
     """Embeddings, trunk, text head and flow head of the reference interaction model."""
 
@@ -105,6 +130,7 @@ class ReferenceNet(nn.Module):
         self.stem = PatchStem(d, cfg.stem_dims)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(d)
+        self.depth = DepthHead(cfg)
         self.text_head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.flow = FlowHead(d, cfg.frames_per_turn, cfg.n_mels, cfg.flow_dim, cfg.flow_layers)
         self.register_buffer("channel_offset", torch.arange(cfg.n_mels) * cfg.dmel_bins, persistent=False)
@@ -134,5 +160,15 @@ class ReferenceNet(nn.Module):
             routings.append(routing)
         return self.norm(x), routings
 
-    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.text_head(h)
+    def text_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits of the next text token from a depth state (B, d) → (B, vocab)."""
+        return self.text_head(self.depth.out_norm(z))
+
+    def teacher_forced(self, h: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depth head over known tokens: (M, d) trunk states, (M, 1 + text_out) ids → logits (M, 1 + text_out,
+        vocab) and flow conditioning (M, d)."""
+        z, logits = h, []
+        for j in range(tokens.shape[1]):
+            logits.append(self.text_logits(z))
+            z = self.depth.step(z, tokens[:, j], j)
+        return torch.stack(logits, dim=1), z

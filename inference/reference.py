@@ -1,24 +1,21 @@
 """``reference``: the reference interaction model as an engine backend (sessions, batched ticks, sampling).
 
 The engine (:mod:`inference.engine`) calls :meth:`ReferenceModel.step` from its tick thread with at most one
-micro-turn per session. One step runs, for all of them together, ``1 + text_out`` forwards of one packed
-ragged batch (the sessions' new tokens concatenated, no padding; each session attends over its own cache):
-
-1. the rest of the last micro-turn's model side (its last caption token and output-audio tokens) and this
-   micro-turn's user side → logits of ``SPEAK`` / ``SILENT``;
-2. that token → logits of caption token 0; … ; caption token ``text_out - 2`` → logits of the last one, whose
-   hidden state also conditions the flow head;
-
-then the flow head (speaking sessions only) and the vocoder. See :mod:`inference.layout` for the token layout.
+micro-turn per session. One step runs one trunk forward for all of them together, over one packed ragged
+batch (each session's new tokens: the last micro-turn's model side, then this micro-turn's user side;
+concatenated, no padding; each session attends over its own KV slot); then the depth head unrolls each
+session's text tokens (``SPEAK``/``SILENT`` and the captions), sampled one after another; then the flow head
+(speaking sessions only) and the vocoder. See :mod:`inference.layout` for the token layout.
 
 Session state (:class:`Session`) is created by :meth:`open`, touched only by the tick thread and dropped by
-:meth:`close`: its slot of the :class:`~inference.kv_cache.KVPool` (bounded: sinks + sliding window), the last
-624 audio samples (dMel context), pending user text, the last camera frame that entered the context, the
-output tokens not yet in the cache, and the caption decoder. Nothing else grows with the length of a session.
+:meth:`close`: its slot of the :class:`~inference.kv_cache.KVPool` (bounded: sinks + sliding window), the
+last 624 audio samples (dMel context), the last output mel frames (vocoder context), pending user text
+(bounded), the model side not yet in the cache, and the caption decoder. Nothing else grows with the length
+of a session.
 
 Randomness (text sampling, flow noise) comes from a generator seeded by ``(session seed, micro-turn index)``
-only, so a context rebuilt elsewhere from the same inputs reproduces the same outputs, alone or in any batch.
-"""
+only, so a context rebuilt elsewhere from the same inputs reproduces the same outputs, alone or in any
+batch. """
 
 from __future__ import annotations
 
@@ -36,7 +33,7 @@ from inference import tokenizer
 from inference.checkpoint import load_checkpoint
 from inference.dmel import LOG_MIN, DMelStream, quantize
 from inference.kv_cache import AttentionPlan, KVPool
-from inference.layout import AUDIO_OUT, Tokens, TurnLayout
+from inference.layout import Tokens, TurnLayout
 from inference.model import ReferenceNet
 from inference.video import patch_grid, to_patches
 from inference.vocoder import GriffinLim, Vocoder
@@ -58,7 +55,8 @@ def turn_seed(seed: int, index: int) -> int:
 class Trace:
     """What a session's steps computed, kept only when the model records (tests, the re-prefill baseline)."""
 
-    turns: list[Tokens] = field(default_factory=list)  # every micro-turn's tokens, user then model side
+    runs: list[Tokens] = field(default_factory=list)  # the tokens each step fed the trunk, in order
+    sampled: list[torch.Tensor] = field(default_factory=list)  # per micro-turn (1 + text_out,) text ids
     logits: list[torch.Tensor] = field(default_factory=list)  # per micro-turn (1 + text_out, vocab)
     flow_cond: list[torch.Tensor] = field(default_factory=list)  # per micro-turn (d_model,)
 
@@ -71,10 +69,8 @@ class Session:
     slot: int  # its rows in the KV pool
     audio_context: torch.Tensor  # (624,) last input samples
     voice_context: torch.Tensor  # (vocoder_context, 80) last output log-mel frames
+    pending: Tokens  # the last micro-turn's model side, not yet in the cache
     text_backlog: deque[int] = field(default_factory=deque)
-    pending: Tokens | None = None  # the last micro-turn's output-audio tokens, not yet in the cache
-    last_frame: np.ndarray | None = None  # the camera frame that last entered the context
-    since_frame: int = 0
     captions: tokenizer.CaptionDecoder = field(default_factory=tokenizer.CaptionDecoder)
     trace: Trace | None = None
 
@@ -88,7 +84,7 @@ class ReferenceModel:
         self.net = net.eval()
         self.cfg = net.cfg
         self.device = next(net.parameters()).device
-        self.layout = TurnLayout(self.cfg.frames_per_token, self.cfg.n_mels, self.cfg.text_out)
+        self.layout = TurnLayout.of(self.cfg)
         self.features = DMelStream()
         self.vocoder: Vocoder = vocoder if vocoder is not None else GriffinLim(self.cfg.griffin_lim_iters)
         self.record = record
@@ -110,6 +106,7 @@ class ReferenceModel:
             raise ValueError(f"session {session_id} is already open")
         silence = torch.full((self.cfg.vocoder_context, self.cfg.n_mels), LOG_MIN)
         self.sessions[session_id] = Session(seed, self.pool.alloc(), DMelStream.initial_state(), silence,
+                                            self.layout.silent_model_side(),
                                             trace=Trace() if self.record else None)
         self._slot_owner.append(session_id)
 
@@ -146,27 +143,26 @@ class ReferenceModel:
                 for s, t in zip(sessions, turns, strict=True)]
         audio = torch.from_numpy(np.stack([t.audio for t in turns]))
         bins, contexts = self.features.step(audio, torch.stack([s.audio_context for s in sessions]))
-        user_sides, runs = [], []
+        runs = []
         for b, (s, t) in enumerate(zip(sessions, turns, strict=True)):
             s.audio_context = contexts[b]
-            user = self.layout.user_side(self._take_text(s, t), *self._fresh_frame(s, t.video), bins[b])
-            user_sides.append(user)
-            runs.append(user if s.pending is None else Tokens.cat([s.pending, user]))
+            user = self.layout.user_side(self._take_text(s, t), *self._video(t), bins[b])
+            runs.append(Tokens.cat([s.pending, user]))
 
-        h = self._advance(sessions, runs)  # (B, d)
-        logits = [self.net.text_logits(h)]
+        z = self._advance(sessions, runs)  # (B, d): trunk state at each session's last user-side token
+        logits = [self.net.text_logits(z)]
         control = self._sample(logits[-1], gens, allowed=(tokenizer.SPEAK, tokenizer.SILENT))
         speaking = [c == tokenizer.SPEAK for c in control]
-        last = control
+        z = self.net.depth.step(z, torch.tensor(control, device=self.device), 0)
         caption: list[list[int]] = [[] for _ in turns]
-        for _ in range(cfg.text_out):
-            h = self._advance(sessions, [self._text(i) for i in last])
-            logits.append(self.net.text_logits(h))
+        for j in range(cfg.text_out):
+            logits.append(self.net.text_logits(z))
             sampled = self._sample(logits[-1], gens, allowed=tuple(range(tokenizer.PAD + 1)))
-            last = [i if talk else tokenizer.PAD for i, talk in zip(sampled, speaking, strict=True)]
-            for ids, i in zip(caption, last, strict=True):
+            chosen = [i if talk else tokenizer.PAD for i, talk in zip(sampled, speaking, strict=True)]
+            for ids, i in zip(caption, chosen, strict=True):
                 ids.append(i)
-        cond = h  # (B, d): the state that predicted the last caption token
+            z = self.net.depth.step(z, torch.tensor(chosen, device=self.device), j + 1)
+        cond = z  # (B, d): the depth state after all of this micro-turn's text
 
         frames = cfg.frames_per_turn
         mel = torch.full((len(turns), frames, cfg.n_mels), LOG_MIN)
@@ -179,11 +175,10 @@ class ReferenceModel:
 
         outputs = []
         for b, (s, t) in enumerate(zip(sessions, turns, strict=True)):
-            s.pending = Tokens.cat([self._text(last[b]), Tokens.of_audio(out_bins[b], cfg.frames_per_token,
-                                                                          AUDIO_OUT)])
+            s.pending = self.layout.model_side(control[b], caption[b], out_bins[b])
             if s.trace is not None:
-                model_side = self.layout.model_side(control[b], caption[b], out_bins[b])
-                s.trace.turns.append(Tokens.cat([user_sides[b], model_side]))
+                s.trace.runs.append(runs[b])
+                s.trace.sampled.append(torch.tensor([control[b], *caption[b]]))
                 s.trace.logits.append(torch.stack([step_logits[b] for step_logits in logits]).cpu())
                 s.trace.flow_cond.append(cond[b].cpu())
             outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], s.captions.feed(caption[b])))
@@ -197,9 +192,6 @@ class ReferenceModel:
         self.expert_load += torch.stack([r.load for r in routings]).cpu()
         ends = torch.tensor([len(r) for r in runs]).cumsum(0) - 1
         return h[ends]
-
-    def _text(self, token: int) -> Tokens:
-        return Tokens.of_text([token], self.cfg.frames_per_token, self.cfg.n_mels)
 
     def _sample(self, logits: torch.Tensor, gens: list[torch.Generator], allowed: tuple[int, ...]
                 ) -> list[int]:
@@ -223,24 +215,16 @@ class ReferenceModel:
         if len(new) > room:
             log.warning("session %s: text backlog full, dropping %d tokens", turn.session_id, len(new) - room)
         s.text_backlog.extend(new[:max(0, room)])
-        n = min(self.cfg.text_in_max, len(s.text_backlog))
+        n = min(self.cfg.text_in, len(s.text_backlog))
         return [s.text_backlog.popleft() for _ in range(n)]
 
-    def _fresh_frame(self, s: Session, video: np.ndarray | None
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The frame's patches and grid if it enters the context now (first, changed, or due), else None."""
-        if video is None:
-            s.since_frame += 1
+    def _video(self, turn: MicroTurn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This micro-turn's patches of its camera frame and their grid places (None without a camera)."""
+        if turn.video is None:
             return None, None
-        frame = self._fit_frame(video)
-        due = s.since_frame + 1 >= self.cfg.video_every
-        changed = s.last_frame is None or float(
-            np.abs(frame.astype(np.int16) - s.last_frame.astype(np.int16)).mean()) > self.cfg.video_change
-        if not (due or changed):
-            s.since_frame += 1
-            return None, None
-        s.last_frame, s.since_frame = frame, 0
-        return to_patches(frame), patch_grid(frame)
+        frame = self._fit_frame(turn.video)
+        which = self.layout.video_patches(turn.index, self.cfg.patches)
+        return to_patches(frame)[which], patch_grid(frame)[which]
 
     def _fit_frame(self, video: np.ndarray) -> np.ndarray:
         size = (self.cfg.video_height, self.cfg.video_width)
@@ -269,12 +253,14 @@ class ReferenceModel:
         s = self.sessions[session_id]
         if s.trace is None:
             raise ValueError("reprefill needs a model made with record=True")
-        chunk = self.pool.max_step_tokens
-        self.pool.reset(s.slot)
-        history = Tokens.cat(s.trace.turns)
+        c, chunk = self.cfg, 256
+        scratch = KVPool(c.n_layers, c.n_kv_heads, c.head_dim, c.n_sink, c.window, chunk, slots=1,
+                         device=self.device)
+        scratch.alloc()
+        history = Tokens.cat(s.trace.runs)
         with torch.inference_mode():
             for start in range(0, len(history), chunk):
                 part = history.rows(start, min(start + chunk, len(history)))
-                self.net(self.net.embed(part), AttentionPlan.cached(self.pool, [s.slot], [len(part)]))
-        s.pending = None
+                self.net(self.net.embed(part), AttentionPlan.cached(scratch, [0], [len(part)]))
+        self.pool.load(s.slot, scratch, 0)
 

@@ -4,6 +4,7 @@ Ids 0–255 are bytes. The specials mark what a run of text is, or what the mode
 
 - ``PAD``: "no text here" (a caption slot the model leaves empty);
 - ``SPEAK`` / ``SILENT``: the model's first output of every micro-turn: whether it speaks in it;
+- ``NO_VIDEO``: a video slot while the camera is off;
 - ``USER`` / ``TOOL`` / ``EVENT``: start of user-typed text, of a background-model result, of a control event
   name. """
 
@@ -17,7 +18,8 @@ SILENT = 258
 USER = 259
 TOOL = 260
 EVENT = 261
-N_TOKENS = 262
+NO_VIDEO = 262
+N_TOKENS = 263
 """Used ids; the model's vocabulary may be larger (rounded up), the extra ids are never produced."""
 
 

@@ -12,22 +12,18 @@ from tests._reference_helpers import make_net, run, small_config
 
 
 def _offline(model: ReferenceModel, session_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at every text-target row and the flow-conditioning hidden states, from one full forward."""
+    """Every micro-turn's text logits and flow conditioning, from one full forward over the whole sequence and
+    the depth head run on the tokens the session sampled."""
     trace = model.sessions[session_id].trace
     assert trace is not None
     cfg = model.cfg
-    sequence = Tokens.cat(trace.turns)
+    sequence = Tokens.cat(trace.runs)
+    rows = torch.tensor([len(run) for run in trace.runs]).cumsum(0) - 1  # each run ends with its user side
     with torch.no_grad():
         plan = AttentionPlan.full([len(sequence)], cfg.window, cfg.n_sink)
         h, _ = model.net(model.net.embed(sequence), plan)
-    logit_rows, flow_rows, offset = [], [], 0
-    for turn in trace.turns:
-        n_user = len(turn) - (1 + cfg.text_out + cfg.audio_tokens)
-        rows, flow_row = model.layout.targets(n_user)
-        logit_rows.append(rows + offset)
-        flow_rows.append(flow_row + offset)
-        offset += len(turn)
-    return model.net.text_logits(h[torch.cat(logit_rows)]), h[torch.tensor(flow_rows)]
+        logits, cond = model.net.teacher_forced(h[rows], torch.stack(trace.sampled))
+    return logits.flatten(0, 1), cond
 
 
 def test_stepping_equals_one_causal_forward_after_eviction() -> None:

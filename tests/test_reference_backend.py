@@ -76,7 +76,7 @@ def test_output_contract_and_silence() -> None:
     assert speaking and silent  # a random model does both
 
 
-def test_video_enters_when_fresh_and_odd_sizes_are_fitted() -> None:
+def test_video_scans_the_frame_and_odd_sizes_are_fitted() -> None:
     model = ReferenceModel(make_net(small_config()), record=True)
     model.open("s", seed=0)
     frame = np.zeros((120, 160, 3), np.uint8)
@@ -85,7 +85,8 @@ def test_video_enters_when_fresh_and_odd_sizes_are_fitted() -> None:
         model.step([MicroTurn("s", k, np.zeros(3200, np.float32), video)])
     trace = model.sessions["s"].trace
     assert trace is not None
-    assert [len(t.patches) for t in trace.turns] == [12, 0, 12, 0, 12]
+    assert [len(run.patches) for run in trace.runs] == [2, 2, 2, 0, 2]
+    assert [run.grid.tolist() for run in trace.runs[:2]] == [[[0, 0], [0, 1]], [[0, 2], [0, 3]]]
 
 
 def test_close_frees_the_slot_and_many_sessions_leave_nothing() -> None:

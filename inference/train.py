@@ -1,0 +1,138 @@
+"""Training: the losses of the reference model, one optimiser step, and a synthetic sanity task.
+
+The training step runs the very modules the engine runs (:meth:`ReferenceNet.embed`,
+:meth:`ReferenceNet.forward`, the depth head, the text head and the flow head), on whole sequences laid out
+by :class:`~inference.layout.TurnLayout` and attending through :meth:`AttentionPlan.full`, the same
+attention mask as streaming. Losses:
+
+- text: cross-entropy of every model-side text token (``SPEAK``/``SILENT`` and the caption tokens), through
+  the depth head with teacher forcing;
+- audio out: flow matching of each micro-turn's output mel, conditioned on the depth head's final state;
+- MoE balance: the routers' Switch balance loss (weighted by ``balance_weight``); after each step the
+  routers' selection biases also move towards balance (aux-loss-free balancing).
+
+:func:`tone_task` is the sanity task: "say the tone you heard one micro-turn later". """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from inference import dmel, tokenizer
+from inference.kv_cache import AttentionPlan
+from inference.layout import Tokens, TurnLayout
+from inference.model import Block, ReferenceNet
+from microturn.contracts import MICRO_TURN_SAMPLES, SAMPLE_RATE
+
+
+@dataclass
+class TurnExample:
+    """One micro-turn of a training sequence: its user side, and what the model should do."""
+
+    user: Tokens
+    control: int  # SPEAK or SILENT
+    caption: list[int]  # text_out ids
+    mel: torch.Tensor  # (frames_per_turn, n_mels) log10 mel of the output audio (floor when silent)
+
+
+@dataclass
+class TrainBatch:
+    """Packed sequences and where their targets are."""
+
+    tokens: Tokens
+    lengths: list[int]
+    rows: torch.Tensor  # (M,) per micro-turn: the row (last user-side token) the model side is predicted from
+    text_targets: torch.Tensor  # (M, 1 + text_out) the model side's text ids
+    mel_targets: torch.Tensor  # (M, frames, n_mels) the model side's output mel
+
+
+def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> TrainBatch:
+    parts, lengths, rows, text_targets, mels = [], [], [], [], []
+    offset = 0
+    for turns in sequences:
+        start = offset
+        parts.append(layout.silent_model_side())
+        offset += layout.n_model
+        for turn in turns:
+            model_side = layout.model_side(turn.control, turn.caption, dmel.quantize(turn.mel))
+            rows.append(offset + len(turn.user) - 1)
+            text_targets.append(torch.tensor([turn.control, *turn.caption]))
+            mels.append(turn.mel)
+            parts += [turn.user, model_side]
+            offset += len(turn.user) + len(model_side)
+        lengths.append(offset - start)
+    return TrainBatch(Tokens.cat(parts), lengths, torch.tensor(rows), torch.stack(text_targets),
+                      torch.stack(mels))
+
+
+@dataclass
+class Losses:
+    text: torch.Tensor
+    flow: torch.Tensor
+    balance: torch.Tensor
+    total: torch.Tensor
+
+
+def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Generator,
+                   balance_weight: float = 0.01) -> tuple[Losses, torch.Tensor]:
+    """The three losses, and the per-layer expert load (L, E) of this batch."""
+    cfg = net.cfg
+    plan = AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink)
+    h, routings = net(net.embed(batch.tokens), plan)
+    logits, cond = net.teacher_forced(h[batch.rows], batch.text_targets)
+    text = F.cross_entropy(logits.flatten(0, 1), batch.text_targets.flatten())
+    n = len(batch.rows)
+    noise = torch.randn(n, cfg.frames_per_turn * cfg.n_mels, generator=generator)
+    t = torch.rand(n, generator=generator)
+    flow = net.flow.loss(cond, batch.mel_targets, noise, t)
+    balance = torch.stack([r.balance_loss for r in routings]).mean()
+    total = text + flow + balance_weight * balance
+    return Losses(text, flow, balance, total), torch.stack([r.load for r in routings])
+
+
+def train_step(net: ReferenceNet, optimizer: torch.optim.Optimizer, batch: TrainBatch,
+               generator: torch.Generator, bias_rate: float = 1e-3) -> Losses:
+    """One optimiser step; returns the (detached) losses."""
+    net.train()
+    losses, load = compute_losses(net, batch, generator)
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    for block, layer_load in zip(net.blocks, load, strict=True):
+        assert isinstance(block, Block)
+        block.moe.router.update_bias(layer_load, bias_rate)
+    return Losses(*(x.detach() for x in (losses.text, losses.flow, losses.balance, losses.total)))
+
+
+TONES = (("A", 300.0), ("B", 550.0), ("C", 900.0), ("D", 1500.0))
+"""The tone task's tones: caption letter and frequency."""
+
+
+def tone_task(layout: TurnLayout, batch: int, turns: int, generator: torch.Generator) -> TrainBatch:
+    """Sequences of micro-turns that hold one of :data:`TONES` or silence; at micro-turn ``k`` the model must
+    speak the tone it heard at ``k - 1`` (``SPEAK``, its letter, its mel), and stay silent after silence."""
+    t = torch.arange(MICRO_TURN_SAMPLES) / SAMPLE_RATE
+    waves = torch.stack([torch.zeros(MICRO_TURN_SAMPLES)] +
+                        [0.3 * torch.sin(2 * torch.pi * f * t) for _, f in TONES])  # (1 + tones, 3200)
+    # each tone repeated, so the mel of a micro-turn is its steady-state mel (left context = the same tone)
+    mels = dmel.log_mel(waves.repeat(1, 2))[:, -(MICRO_TURN_SAMPLES // dmel.HOP):]  # (1 + tones, 8, 80)
+    bins = dmel.quantize(mels)
+    sequences = []
+    for _ in range(batch):
+        heard = torch.randint(0, len(TONES) + 1, (turns,), generator=generator)  # 0: silence
+        examples = []
+        for k in range(turns):
+            prev = int(heard[k - 1]) if k else 0
+            user = layout.user_side([], None, None, bins[int(heard[k])])
+            if prev:
+                caption = tokenizer.encode(TONES[prev - 1][0])[: layout.text_out]
+                caption += [tokenizer.PAD] * (layout.text_out - len(caption))
+                examples.append(TurnExample(user, tokenizer.SPEAK, caption, mels[prev]))
+            else:
+                examples.append(TurnExample(user, tokenizer.SILENT, [tokenizer.PAD] * layout.text_out,
+                                            torch.full_like(mels[0], dmel.LOG_MIN)))
+        sequences.append(examples)
+    return build_batch(layout, sequences)
