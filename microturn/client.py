@@ -142,7 +142,8 @@ class ProbeClient:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
         if self.loss > 0:
             self._impair_uplink()
-        await asyncio.wait_for(self.channel_open.wait(), 15)
+        async with asyncio.timeout(15):
+            await self.channel_open.wait()
 
     def _impair_uplink(self) -> None:
         """Drop a fraction of outgoing audio RTP packets, as a lossy network would."""

@@ -47,7 +47,8 @@ class MicroTurnClock:
                     break
                 changed.clear()
                 try:
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    async with asyncio.timeout(remaining):  # not wait_for: in 3.11 it can swallow a cancel
+                        await changed.wait()
                 except TimeoutError:
                     break
             late = not timeline.complete(turn)

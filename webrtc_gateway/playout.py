@@ -104,9 +104,10 @@ class PlayoutTrack(MediaStreamTrack):
         if len(self._buffer) < FRAME_SAMPLES:
             # Wait for output: until the due time when quiet, a little past it when speaking.
             self._arrived.clear()
+            limit = due + (self.tolerance if self.speaking else 0.0)
             with contextlib.suppress(TimeoutError):
-                limit = due + (self.tolerance if self.speaking else 0.0)
-                await asyncio.wait_for(self._arrived.wait(), max(0.0, limit - self._clock()))
+                async with asyncio.timeout(max(0.0, limit - self._clock())):
+                    await self._arrived.wait()
             arrived = len(self._buffer) >= FRAME_SAMPLES
             # a talk spurt starts now, or we chose to wait past the due time: either way the grid moves here
             rephase = (arrived and not was_speaking) or (was_speaking and self._clock() > due)

@@ -89,8 +89,8 @@ class GatewaySession:
         self.pc.on("connectionstatechange", self._on_connection_state)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-        except (ValueError, KeyError, IndexError) as exc:
-            raise OfferError(f"the offer is not valid SDP: {exc}") from exc
+        except Exception as exc:  # aiortc's parser raises assorted errors (even AssertionError) on bad SDP
+            raise OfferError(f"the offer is not valid SDP: {type(exc).__name__} {exc}".strip()) from exc
         audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
         if not audio or audio[0].receiver.track is None:
             raise OfferError("the offer has no audio track the gateway can receive")
@@ -99,7 +99,7 @@ class GatewaySession:
         self._engine_open = True
         try:
             answer = await self.pc.createAnswer()
-        except (ValueError, KeyError) as exc:
+        except Exception as exc:
             raise OfferError(f"no codec in the offer is supported (audio needs Opus): {exc}") from exc
         await self.pc.setLocalDescription(answer)
         self._spawn(self._watch_connect(), "connect-timeout")
