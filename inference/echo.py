@@ -6,15 +6,8 @@ echoed back as a caption too. It keeps no state beyond a set of open sessions.
 
 from __future__ import annotations
 
-import numpy as np
-
+from microturn.audio import rms_dbfs
 from microturn.contracts import MicroTurn, MicroTurnOutput, OutputEvent
-
-
-def rms_dbfs(audio: np.ndarray) -> float:
-    """RMS level of float audio in dBFS (−100 for digital silence)."""
-    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
-    return max(-100.0, 20 * np.log10(rms)) if rms > 0 else -100.0
 
 
 class EchoModel:

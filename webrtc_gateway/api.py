@@ -177,6 +177,7 @@ async def session_state(request: web.Request) -> web.Response:
         "captions_sent": session.captions_sent,
         "messages_received": session.messages_received,
         "errors_sent": session.errors_sent,
+        "input_levels_dbfs": list(session.clock.levels_dbfs),
     })
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
+from microturn.audio import rms_dbfs
 from microturn.contracts import MicroTurn
 from webrtc_gateway.ingest import AudioIngest, Inbox, VideoIngest
 from webrtc_gateway.timeline import turn_end_seconds
@@ -29,6 +31,7 @@ class MicroTurnClock:
         self.grace_s = grace_s
         self.dispatched = 0
         self.late = 0
+        self.levels_dbfs: deque[float] = deque(maxlen=300)  # input level of the last 60 s of micro-turns
         self._now = now
 
     def deadline(self, turn: int) -> float:
@@ -55,6 +58,7 @@ class MicroTurnClock:
             texts, events = self.inbox.take(turn)
             micro_turn = MicroTurn(self.session_id, turn, timeline.take(), self.video.current(), texts, events,
                                    late)
+            self.levels_dbfs.append(round(rms_dbfs(micro_turn.audio), 1))
             self.dispatched += 1
             self.late += late
             submit(micro_turn)
