@@ -16,7 +16,7 @@ order never matters and the mask is a function of positions only: streaming thro
 attention of one causal forward over the whole sequence with :func:`window_mask`.
 
 Ownership: the runtime (:mod:`inference.reference`) takes a slot when a session opens (:meth:`KVPool.alloc`),
-reserves rows for each forward (:meth:`KVPool.reserve`) and frees the slot when the session closes
+reserves rows for each forward (:meth:`AttentionPlan.cached`) and frees the slot when the session closes
 (:meth:`KVPool.free`, which moves the last slot into the hole so the open sessions stay in slots ``0 … n-1``
 and a tick of all of them reads the pool without copying). The model only writes keys and values where the
 plan says and reads them back; it keeps nothing in the pool.
@@ -94,32 +94,22 @@ class KVPool:
         if slot < len(self.length):
             self.length[slot] = 0
 
+    def rows_of(self, pos: torch.Tensor) -> torch.Tensor:
+        """The rows of a slot that hold positions ``pos``: sinks first, then the ring."""
+        ring = self.capacity - self.n_sink
+        return torch.where(pos < self.n_sink, pos, self.n_sink + (pos - self.n_sink) % ring)
+
     def load(self, slot: int, other: KVPool, other_slot: int) -> None:
         """Make ``slot`` hold what ``other``'s slot holds (same window and sinks, any ring size)."""
         length = other.length[other_slot]
         kept = other.pos[other_slot]
         kept = kept[(kept >= 0) & ((kept < self.n_sink) | (kept >= length - (self.capacity - self.n_sink)))]
-        rows, source = self._rows(kept), other._rows(kept)
+        rows, source = self.rows_of(kept), other.rows_of(kept)
         self.pos[slot] = -1
         self.pos[slot, rows] = kept
         self.k[:, slot, :, rows] = other.k[:, other_slot, :, source]
         self.v[:, slot, :, rows] = other.v[:, other_slot, :, source]
         self.length[slot] = length
-
-    def _rows(self, pos: torch.Tensor) -> torch.Tensor:
-        ring = self.capacity - self.n_sink
-        return torch.where(pos < self.n_sink, pos, self.n_sink + (pos - self.n_sink) % ring)
-
-    def reserve(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions and rows for the next ``n`` tokens of ``slot``; marks the rows as holding them."""
-        if n > self.max_step_tokens:
-            raise ValueError(f"{n} tokens in one step; the pool takes at most {self.max_step_tokens}")
-        start = self.length[slot]
-        pos = torch.arange(start, start + n, device=self.device)
-        rows = self._rows(pos)
-        self.pos[slot, rows] = pos
-        self.length[slot] = start + n
-        return pos, rows
 
     def _grow(self, slots: int) -> None:
         k = torch.zeros(self.k.shape[0], slots, *self.k.shape[2:], dtype=self.dtype, device=self.device)
@@ -158,7 +148,8 @@ class AttentionPlan:
         key = (n_kv, group)
         if key not in self._biases:
             b, _, t, keys = self.mask.shape
-            bias = torch.zeros(self.mask.shape).masked_fill_(~self.mask, float("-inf"))
+            bias = torch.zeros(self.mask.shape, device=self.mask.device)
+            bias.masked_fill_(~self.mask, float("-inf"))
             self._biases[key] = bias.expand(b, n_kv * group, t, keys).reshape(b * n_kv, group * t, keys)
         return self._biases[key]
 
@@ -174,39 +165,47 @@ class AttentionPlan:
         return x.transpose(1, 2).reshape(b * t, h * d)[self.pad_index]
 
     @staticmethod
-    def _packing(lengths: list[int]) -> tuple[torch.Tensor, int]:
+    def _packing(lengths: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Each row's place in the padded (B, T_max) grid, and its index within its sequence."""
         t_max = max(lengths)
-        index = torch.cat([b * t_max + torch.arange(n) for b, n in enumerate(lengths)])
-        return index, t_max
+        counts = torch.tensor(lengths, device=device)
+        starts = torch.cumsum(counts, 0) - counts
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts)
+        within = torch.arange(int(counts.sum()), device=device) - starts[seq]
+        return seq * t_max + within, within, t_max
 
     @classmethod
     def cached(cls, pool: KVPool, slots: list[int], lengths: list[int]) -> AttentionPlan:
         """Append ``lengths[b]`` tokens to pool slot ``slots[b]``; rows are packed in that order."""
-        index, t_max = cls._packing(lengths)
-        positions, rows = [], []
-        qpos = torch.empty(len(slots), t_max, dtype=torch.long)
-        for b, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
-            pos, row = pool.reserve(slot, n)
-            positions.append(pos)
-            rows.append(row)
-            qpos[b] = pos[-1]  # padded queries repeat the last one (and are dropped)
-            qpos[b, :n] = pos
+        if max(lengths) > pool.max_step_tokens:
+            raise ValueError(f"{max(lengths)} tokens in one step; at most {pool.max_step_tokens} fit")
+        device = pool.device
+        index, within, t_max = cls._packing(lengths, device)
+        counts = torch.tensor(lengths, device=device)
+        row_slot = torch.repeat_interleave(torch.tensor(slots, device=device), counts)
+        starts = torch.tensor([pool.length[s] for s in slots], device=device)
+        positions = torch.repeat_interleave(starts, counts) + within  # (N,)
+        rows = pool.rows_of(positions)
+        pool.pos[row_slot, rows] = positions
+        for slot, n in zip(slots, lengths, strict=True):
+            pool.length[slot] += n
+        qpos = (starts + counts - 1)[:, None].repeat(1, t_max)  # padded queries repeat the last one (dropped)
+        qpos.view(-1)[index] = positions
         used = min(pool.capacity, max(pool.length[s] for s in slots))
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        sel: torch.Tensor | slice = slice(slots[0], slots[-1] + 1) if consecutive else torch.tensor(slots)
-        kpos = pool.pos[sel, :used]  # (B, used)
-        mask = window_mask(qpos, kpos, pool.window, pool.n_sink)[:, None]
-        row_slot = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths))
-        return cls(torch.cat(positions), index, len(slots), t_max, mask, pool, sel, row_slot, torch.cat(rows),
-                   used)
+        sel = slice(slots[0], slots[-1] + 1) if consecutive else torch.tensor(slots, device=device)
+        mask = window_mask(qpos, pool.pos[sel, :used], pool.window, pool.n_sink)[:, None]  # (B, 1, T, used)
+        return cls(positions, index, len(slots), t_max, mask, pool, sel, row_slot, rows, used)
 
     @classmethod
-    def full(cls, lengths: list[int], window: int, n_sink: int) -> AttentionPlan:
+    def full(cls, lengths: list[int], window: int, n_sink: int, device: str | torch.device = "cpu"
+             ) -> AttentionPlan:
         """Whole sequences from position 0, each attending to itself only (the same mask as streaming)."""
-        index, t_max = cls._packing(lengths)
-        kpos = torch.full((len(lengths), t_max), -1, dtype=torch.long)
-        for b, n in enumerate(lengths):
-            kpos[b, :n] = torch.arange(n)
-        qpos = torch.where(kpos >= 0, kpos, torch.arange(t_max))  # padded queries see themselves only ...
-        mask = window_mask(qpos, kpos, window, n_sink) | torch.eye(t_max, dtype=torch.bool)  # ... not nothing
-        return cls(torch.cat([torch.arange(n) for n in lengths]), index, len(lengths), t_max, mask[:, None])
+        device = torch.device(device)
+        index, within, t_max = cls._packing(lengths, device)
+        kpos = torch.full((len(lengths), t_max), -1, dtype=torch.long, device=device)
+        kpos.view(-1)[index] = within
+        grid = torch.arange(t_max, device=device)
+        qpos = torch.where(kpos >= 0, kpos, grid)  # padded queries see themselves only ...
+        mask = window_mask(qpos, kpos, window, n_sink) | (grid[:, None] == grid[None])  # ... never nothing
+        return cls(within, index, len(lengths), t_max, mask[:, None])

@@ -80,6 +80,10 @@ class Tokens:
         return Tokens(torch.full((n,), PATCH, dtype=torch.long), torch.zeros(n, dtype=torch.long), e.dmel,
                       patches, grid)
 
+    def to(self, device: torch.device) -> Tokens:
+        return Tokens(self.kind.to(device), self.text.to(device), self.dmel.to(device),
+                      self.patches.to(device), self.grid.to(device))
+
     def rows(self, start: int, end: int) -> Tokens:
         """Rows ``[start, end)`` of this run."""
         audio = (self.kind == AUDIO_IN) | (self.kind == AUDIO_OUT)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,10 +81,14 @@ class ReferenceModel:
 
     name = "reference"
 
-    def __init__(self, net: ReferenceNet, vocoder: Vocoder | None = None, record: bool = False) -> None:
+    def __init__(self, net: ReferenceNet, vocoder: Vocoder | None = None, record: bool = False,
+                 threads: int | None = None) -> None:
         self.net = net.eval()
         self.cfg = net.cfg
         self.device = next(net.parameters()).device
+        if self.device.type == "cpu":
+            # the tick thread is the process's only torch user; leave the other cores to the gateway's codecs
+            torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
         self.layout = TurnLayout.of(self.cfg)
         self.features = DMelStream()
         self.vocoder: Vocoder = vocoder if vocoder is not None else GriffinLim(self.cfg.griffin_lim_iters)
@@ -186,7 +191,7 @@ class ReferenceModel:
 
     def _advance(self, sessions: list[Session], runs: list[Tokens]) -> torch.Tensor:
         """Append each run to its session's cache; the hidden state of each run's last token: (B, d)."""
-        tokens = Tokens.cat(runs)
+        tokens = Tokens.cat(runs).to(self.device)
         plan = AttentionPlan.cached(self.pool, [s.slot for s in sessions], [len(r) for r in runs])
         h, routings = self.net(self.net.embed(tokens), plan)
         self.expert_load += torch.stack([r.load for r in routings]).cpu()
@@ -195,8 +200,7 @@ class ReferenceModel:
 
     def _sample(self, logits: torch.Tensor, gens: list[torch.Generator], allowed: tuple[int, ...]
                 ) -> list[int]:
-        choices = torch.tensor(allowed)
-        sub = logits[:, choices].float().cpu()  # (B, len(allowed))
+        sub = logits[:, torch.tensor(allowed, device=logits.device)].float().cpu()  # (B, len(allowed))
         if self.cfg.temperature <= 0:
             return [allowed[int(i)] for i in sub.argmax(dim=-1)]
         probs = F.softmax(sub / self.cfg.temperature, dim=-1)
@@ -260,7 +264,7 @@ class ReferenceModel:
         history = Tokens.cat(s.trace.runs)
         with torch.inference_mode():
             for start in range(0, len(history), chunk):
-                part = history.rows(start, min(start + chunk, len(history)))
+                part = history.rows(start, min(start + chunk, len(history))).to(self.device)
                 self.net(self.net.embed(part), AttentionPlan.cached(scratch, [0], [len(part)]))
         self.pool.load(s.slot, scratch, 0)
 

@@ -78,15 +78,16 @@ class Losses:
 def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Generator,
                    balance_weight: float = 0.01) -> tuple[Losses, torch.Tensor]:
     """The three losses, and the per-layer expert load (L, E) of this batch."""
-    cfg = net.cfg
-    plan = AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink)
-    h, routings = net(net.embed(batch.tokens), plan)
-    logits, cond = net.teacher_forced(h[batch.rows], batch.text_targets)
-    text = F.cross_entropy(logits.flatten(0, 1), batch.text_targets.flatten())
+    cfg, device = net.cfg, net.text_head.weight.device
+    plan = AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink, device)
+    h, routings = net(net.embed(batch.tokens.to(device)), plan)
+    targets = batch.text_targets.to(device)
+    logits, cond = net.teacher_forced(h[batch.rows.to(device)], targets)
+    text = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     n = len(batch.rows)
-    noise = torch.randn(n, cfg.frames_per_turn * cfg.n_mels, generator=generator)
-    t = torch.rand(n, generator=generator)
-    flow = net.flow.loss(cond, batch.mel_targets, noise, t)
+    noise = torch.randn(n, cfg.frames_per_turn * cfg.n_mels, generator=generator).to(device)
+    t = torch.rand(n, generator=generator).to(device)
+    flow = net.flow.loss(cond, batch.mel_targets.to(device), noise, t)
     balance = torch.stack([r.balance_loss for r in routings]).mean()
     total = text + flow + balance_weight * balance
     return Losses(text, flow, balance, total), torch.stack([r.load for r in routings])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from inference.kv_cache import AttentionPlan, KVPool, window_mask
+from inference.kv_cache import AttentionPlan, KVPool
 from inference.layout import Tokens
 from inference.reference import ReferenceModel
 from tests._reference_helpers import make_net, run, small_config
@@ -58,10 +58,9 @@ def test_pool_ring_keeps_exactly_the_window_and_sinks() -> None:
     pool = KVPool(1, 1, 2, n_sink=2, window=5, max_step_tokens=3)
     slot = pool.alloc()
     for n in (3, 1, 3, 2, 3, 3):
-        pos, rows = pool.reserve(slot, n)
-        visible = window_mask(pos, pool.pos[slot], pool.window, pool.n_sink)
-        for q, row in zip(pos.tolist(), visible, strict=True):
-            seen = sorted(pool.pos[slot][row].tolist())
+        plan = AttentionPlan.cached(pool, [slot], [n])
+        for q, row in zip(plan.positions.tolist(), plan.mask[0, 0], strict=True):
+            seen = sorted(pool.pos[slot, :plan.used][row].tolist())
             assert seen == sorted({0, 1} & set(range(q + 1)) | set(range(max(0, q - 4), q + 1)))
     assert pool.bytes_per_session == 2 * 1 * 1 * pool.capacity * 2 * 4 + pool.capacity * 8
 
@@ -70,7 +69,7 @@ def test_pool_free_keeps_slots_dense() -> None:
     pool = KVPool(1, 1, 2, n_sink=1, window=4, max_step_tokens=2)
     slots = [pool.alloc() for _ in range(5)]  # grows past its initial 4 slots
     assert slots == [0, 1, 2, 3, 4]
-    pool.reserve(4, 2)
+    AttentionPlan.cached(pool, [4], [2])
     assert pool.free(1) == 4
     assert pool.length == [0, 2, 0, 0]
     assert pool.free(3) is None
