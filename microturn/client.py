@@ -26,10 +26,11 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 from aiortc.rtp import RtpPacket
 
+from webrtc_gateway import audio_level
 from webrtc_gateway.ingest import frame_to_mono
 from webrtc_gateway.jitter import use_pass_through
 
@@ -95,6 +96,7 @@ class ProbeClient:
 
     def __init__(self, base_url: str, signal: np.ndarray, picture: np.ndarray | None = None,
                  loss: float = 0.0, seed: int = 0) -> None:
+        audio_level.install()
         self.base_url = base_url.rstrip("/")
         self.mic = SignalTrack(signal)
         self.camera = StillCameraTrack(picture) if picture is not None else None
@@ -159,7 +161,7 @@ class ProbeClient:
                 return
             await send(data)
 
-        transport._send_rtp = lossy_send
+        transport._send_rtp = lossy_send  # type: ignore[method-assign]
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":

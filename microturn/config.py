@@ -1,7 +1,8 @@
 """All of microturn's settings, in one typed place.
 
-Defaults are the embedded ones (in-process engine, in-memory state, the echo model). Each field can be overridden by an environment variable ``MICROTURN_<FIELD>`` (upper case) and then by the
-matching command-line flag; :func:`Settings.from_env` applies the first, :mod:`microturn.cli` the second.
+Defaults are the embedded ones (in-process engine, in-memory state, the echo model). Each field can be overridden
+by an environment variable ``MICROTURN_<FIELD>`` (upper case) and then by the matching command-line flag;
+:func:`Settings.from_env` applies the first, :mod:`microturn.cli` the second.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from webrtc_gateway.ice import use_host_addresses
 def read_audio(path: Path, rate: int = RATE) -> np.ndarray:
     """Any audio file av can open → mono float32 at ``rate``."""
     resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-    chunks = []
+    chunks: list[np.ndarray] = []
     with av.open(str(path)) as container:
         for frame in container.decode(audio=0):
             chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))

@@ -20,7 +20,7 @@ from aiohttp import web
 from inference.engine import Engine
 from inference.models import load_backend
 from microturn.config import Settings
-from webrtc_gateway import api, metrics
+from webrtc_gateway import api, audio_level, metrics
 from webrtc_gateway.gateway import Gateway
 from webrtc_gateway.ice import use_host_addresses
 from webrtc_gateway.store import MemorySessionStore, RedisSessionStore, SessionStore
@@ -86,6 +86,7 @@ async def _close_peers(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application for ``settings``."""
     use_host_addresses(settings.ice_host_addresses)
+    audio_level.install()
     app = web.Application(middlewares=[api.origin_and_errors], client_max_size=max(settings.max_sdp_bytes, 65536))
     app[api.SETTINGS] = settings
     app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(WEB_ROOT / "templates"),

@@ -30,8 +30,11 @@ INPUT_RATE = 48_000
 
 def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
     """An s16 or float frame, packed or planar, any channel count → mono float32 in [-1, 1]."""
-    data = frame.to_ndarray()
     channels = len(frame.layout.channels)
+    if frame.format.name == "s16" and channels <= 2:  # what aiortc's decoders produce: the fast path
+        pcm = np.frombuffer(memoryview(frame.planes[0]), np.int16, count=frame.samples * channels).astype(np.float32)
+        return (pcm[0::2] + pcm[1::2]) * np.float32(0.5 / 32768) if channels == 2 else pcm * np.float32(1 / 32768)
+    data = frame.to_ndarray()
     mono = data.mean(axis=0) if frame.format.is_planar else data.reshape(-1, channels).mean(axis=1)
     if data.dtype == np.int16:
         mono = mono / 32768.0

@@ -68,7 +68,7 @@ def parse_client_message(raw: str | bytes, max_bytes: int, max_text_chars: int) 
         raise MessageError("too_large", f"message is larger than {max_bytes} bytes")
     try:
         msg = json.loads(raw)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise MessageError("invalid_json", f"message is not valid JSON: {exc.msg}") from exc
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise MessageError("invalid_message", 'message must be a JSON object with a string "type"')

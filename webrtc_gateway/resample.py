@@ -9,6 +9,7 @@ into 20 ms frames resamples exactly as it would in one piece. A discontinuity (a
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 RATIO = 3  # 48 kHz / 16 kHz
 TAPS = 49
@@ -21,6 +22,9 @@ def _lowpass(taps: int = TAPS, cutoff_hz: float = 7_200.0, rate: int = 48_000) -
 
 
 _FILTER = _lowpass()
+# Polyphase branches for ×3 interpolation: output phase p uses taps p, p+3, p+6, … (gain 3 for the zero-stuffing).
+_PHASES = np.stack([np.pad(_FILTER[p::RATIO], (0, -(-TAPS // RATIO) - len(_FILTER[p::RATIO])))
+                    for p in range(RATIO)], axis=1)[::-1] * RATIO  # (17, 3), time-reversed
 
 
 class Decimator:
@@ -46,14 +50,13 @@ class Interpolator:
     """16 kHz → 48 kHz."""
 
     def __init__(self) -> None:
-        self._history = np.zeros(TAPS - 1, np.float32)
+        self._history = np.zeros(_PHASES.shape[0] - 1, np.float32)
 
     def reset(self) -> None:
         self._history[:] = 0
 
     def process(self, x: np.ndarray) -> np.ndarray:
-        stuffed = np.zeros(len(x) * RATIO, np.float32)
-        stuffed[::RATIO] = x * RATIO
-        padded = np.concatenate([self._history, stuffed])
-        self._history = padded[len(padded) - (TAPS - 1):].copy()
-        return np.convolve(padded, _FILTER, mode="valid").astype(np.float32)
+        padded = np.concatenate([self._history, x.astype(np.float32, copy=False)])
+        self._history = padded[len(padded) - len(self._history):].copy()
+        windows = sliding_window_view(padded, _PHASES.shape[0])  # (len(x), 17)
+        return (windows @ _PHASES).astype(np.float32).reshape(-1)  # (len(x), 3) → 3·len(x), phases interleaved

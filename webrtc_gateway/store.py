@@ -80,7 +80,7 @@ class RedisSessionStore:
             raise StoreUnavailable(str(exc)) from exc
         if not raw:
             return None
-        f = {k.decode(): v.decode() for k, v in raw.items()}
+        f = {_text(k): _text(v) for k, v in raw.items()}
         return SessionRecord(
             session_id=f["session_id"], owner=f["owner"], model=f["model"], created=float(f["created"]),
             last_seen=float(f["last_seen"]), micro_turn=int(f["micro_turn"]), state=f["state"],
@@ -95,3 +95,7 @@ class RedisSessionStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,171 @@
+"""``microturn bench gateway``: many concurrent browser-like sessions against a real echo gateway.
+
+The gateway runs as its own process (``microturn serve --model echo``, media on loopback); the load clients run in
+``processes`` processes of their own, so client and server never share a GIL. Each session streams an impulse train
+(1 ms clicks at random offsets within micro-turns, about two a second, each session starting at a random phase) and
+records the echo. The added latency of one impulse is its measured round trip at the client minus the 200 ms that
+micro-turn alignment costs by design (see :mod:`microturn.client` for how received audio is placed in time). Server
+counters come from its ``/metrics``; its CPU time from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from microturn.client import RATE, ProbeClient
+from webrtc_gateway.ice import use_host_addresses
+
+MICRO_TURN_S = 0.2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def impulse_train(seconds: float, rng: random.Random) -> tuple[np.ndarray, list[float]]:
+    signal = np.zeros(int(seconds * RATE), np.float32)
+    times, t = [], 0.6 + rng.uniform(0, 0.2)
+    while t < seconds - 0.6:
+        times.append(t)
+        i = int(t * RATE)
+        signal[i:i + 48] = 0.8
+        t += 0.5 + rng.uniform(0, 0.2)
+    return signal, times
+
+
+def measure(out: np.ndarray, times: list[float]) -> tuple[list[float], int]:
+    """Added latency (s) of each returned impulse, and how many never came back."""
+    added, lost = [], 0
+    for t in times:
+        lo, hi = int((t + 0.1) * RATE), int((t + 0.5) * RATE)
+        window = np.abs(out[lo:hi])
+        if window.size == 0 or window.max() < 0.2:
+            lost += 1
+            continue
+        added.append((lo + int(np.argmax(window))) / RATE - t - MICRO_TURN_S)
+    return added, lost
+
+
+async def _one_session(url: str, seconds: float, video: bool, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    await asyncio.sleep(rng.uniform(0, 0.5))  # sessions start at arbitrary phases
+    signal, times = impulse_train(seconds, rng)
+    picture = np.full((120, 160, 3), 128, np.uint8) if video else None
+    client = ProbeClient(url, signal, picture=picture)
+    try:
+        await client.connect()
+        await asyncio.sleep(max(0.0, seconds - client.now()))
+        added, lost = measure(client.output(seconds), times)
+        return {"added": added, "lost": lost, "error": None}
+    except Exception as exc:  # reported in the JSON, not raised: one failed session must not hide the rest
+        return {"added": [], "lost": len(times), "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        await client.close()
+
+
+def _client_process(url: str, sessions: int, seconds: float, video: bool, seed: int) -> list[dict[str, Any]]:
+    use_host_addresses(["127.0.0.1"])
+
+    async def main() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(_one_session(url, seconds, video, seed * 1000 + i)
+                                           for i in range(sessions))))
+
+    return asyncio.run(main())
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = sample.value
+    return values
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the gateway exited during start-up")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("the gateway did not become ready")
+
+
+def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False, processes: int = 2,
+                  server_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-able result."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "microturn.cli", "serve", "--port", str(port), "--model", "echo",
+         "--ice-host", "127.0.0.1", "--log-level", "WARNING", *server_args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_ready(url, server)
+        print(f"bench: {sessions} sessions × {seconds:.0f} s against {url}", file=sys.stderr, flush=True)
+        before = _metrics(url)
+        cpu0 = _cpu_seconds(server.pid)
+        processes = max(1, min(processes, sessions))
+        shares = [sessions // processes + (i < sessions % processes) for i in range(processes)]
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(processes) as pool:
+            jobs = [pool.apply_async(_client_process, (url, n, seconds, video, i)) for i, n in enumerate(shares)]
+            results = [r for job in jobs for r in job.get(timeout=seconds + 120)]
+        cpu = _cpu_seconds(server.pid) - cpu0
+        after = _metrics(url)
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    added = np.array([a for r in results for a in r["added"]]) * 1000
+
+    def delta(name: str) -> int:
+        return int(after.get(name, 0) - before.get(name, 0))
+
+    def pct(q: float) -> float | None:
+        return round(float(np.percentile(added, q)), 1) if added.size else None
+
+    return {
+        "sessions": sessions,
+        "seconds": seconds,
+        "video": video,
+        "micro_turns": delta("microturn_micro_turns_total"),
+        "late_micro_turns": delta("microturn_late_micro_turns_total"),
+        "underrun_frames": delta("microturn_underrun_frames_total"),
+        "frames_out": delta("microturn_frames_out_total"),
+        "added_latency_ms": {"p50": pct(50), "p99": pct(99), "max": round(float(added.max()), 1)
+                             if added.size else None},
+        "impulses": int(added.size),
+        "impulses_lost": sum(r["lost"] for r in results),
+        "cpu_seconds_per_session_second": round(cpu / (sessions * seconds), 4),
+        "errors": [r["error"] for r in results if r["error"]],
+    }
