@@ -64,6 +64,7 @@ def _timed_step(model: ReferenceModel, turns: list[MicroTurn]) -> float:
 def _single_session(net: ReferenceNet, lengths: tuple[int, ...], reps: int) -> tuple[dict[str, float],
                                                                                     dict[str, int]]:
     model = ReferenceModel(net)
+    _log(f"torch threads: {torch.get_num_threads()}")
     model.open("one", seed=1)
     ticks, kv, k = {}, {}, 0
     for length in lengths:
@@ -138,8 +139,7 @@ def bench_engine(preset: str = "tiny", device: str = "cpu", quick: bool = False)
     torch.manual_seed(0)
     net = ReferenceNet(cfg).to(device).eval()
     total, active = count_params(net)
-    _log(f"preset {preset}: {total:,} parameters, {active:,} active per token, torch threads "
-         f"{torch.get_num_threads()}")
+    _log(f"preset {preset}: {total:,} parameters, {active:,} active per token")
     tick_lengths: tuple[int, ...] = (10, 100, 1000, 3000)
     reprefill_lengths: tuple[int, ...] = (10, 100, 1000)
     reported: tuple[int, ...] = (1, 4, 16, 32)

@@ -31,7 +31,7 @@ def test_tone_task_losses_go_down() -> None:
     text0, flow0 = evaluate()
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.0)
     for _ in range(200):
-        train_step(net, optimizer, tone_task(layout, batch=8, turns=6, generator=gen), gen)
+        train_step(net, optimizer, tone_task(layout, batch=8, turns=5, generator=gen), gen)
     text1, flow1 = evaluate()
     assert text1 < 0.2 * text0, (text0, text1)
     assert flow1 < 0.6 * flow0, (flow0, flow1)
