@@ -9,7 +9,7 @@ a session's cache never grows. Each session owns one slot of :class:`KVPool`, wi
 
 (the ring after the sinks is ``max_step_tokens - 1`` rows longer than the window, so writing one forward's new
 tokens never overwrites a key that one of those new queries still needs). Bound: ``2 · n_layers · capacity ·
-n_kv_heads · head_dim`` floats per session (1.8 MB for ``tiny`` in fp32), whatever the length of the
+n_kv_heads · head_dim`` floats per session (1.66 MB for ``tiny`` in fp32), whatever the length of the
 conversation; the cost of attention per step is bounded by the same numbers. Keys are stored already rotated
 (RoPE with absolute positions that continue across micro-turns) and each row remembers its position, so row
 order never matters and the mask is a function of positions only: streaming through the pool gives exactly the
@@ -23,7 +23,9 @@ plan says and reads them back; it keeps nothing in the pool.
 
 Batching (no padding blow-up): rows of all sessions are packed (N, d) for every dense layer; only attention
 pads, to (B, T_max) queries against the batch's slots, where T_max ≤ ``max_step_tokens`` and keys are the
-bounded window. """
+bounded window. With the reference layout every session appends one 13-token micro-turn per tick, so a tick
+pads nothing.
+"""
 
 from __future__ import annotations
 

@@ -132,6 +132,9 @@ class ReferenceModel:
             return []
         if len({t.session_id for t in turns}) != len(turns):
             raise ValueError("at most one micro-turn per session in a step")
+        unknown = [t.session_id for t in turns if t.session_id not in self.sessions]
+        if unknown:
+            raise ValueError(f"sessions not open: {', '.join(unknown)}")
         # in pool-slot order, so that a tick of all open sessions reads the KV pool without copying
         order = sorted(range(len(turns)), key=lambda i: self.sessions[turns[i].session_id].slot)
         with torch.inference_mode():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 import torch
 
 from inference.engine import Engine
@@ -124,3 +125,16 @@ async def test_plugs_into_the_engine() -> None:
         assert [(o.session_id, o.index) for o in outs] == [(s, k) for k in range(3) for s in ("x", "y")]
     finally:
         await engine.stop()
+
+
+def test_step_refuses_unknown_and_duplicate_sessions() -> None:
+    model = ReferenceModel(make_net(small_config()))
+    model.open("s", seed=0)
+    with pytest.raises(ValueError, match="not open"):
+        model.step([make_turn("nope", 0)])
+    with pytest.raises(ValueError, match="one micro-turn per session"):
+        model.step([make_turn("s", 0), make_turn("s", 1)])
+    with pytest.raises(ValueError, match="already open"):
+        model.open("s", seed=1)
+    assert model.step([]) == []
+    assert model.step([make_turn("s", 0)])[0].index == 0  # refusals left the session as it was
