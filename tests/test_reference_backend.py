@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inference.engine import Engine
-from inference.reference import ReferenceModel
+from inference.reference import MAX_TEXT_BACKLOG, ReferenceModel
 from microturn.contracts import MICRO_TURN_SAMPLES, ControlEvent, MicroTurn, MicroTurnOutput
 from tests._reference_helpers import make_net, make_turn, run, small_config
 
@@ -138,3 +138,17 @@ def test_step_refuses_unknown_and_duplicate_sessions() -> None:
         model.open("s", seed=1)
     assert model.step([]) == []
     assert model.step([make_turn("s", 0)])[0].index == 0  # refusals left the session as it was
+
+
+def test_long_session_state_stays_bounded() -> None:
+    model = ReferenceModel(make_net(small_config()))
+    model.open("s", seed=0)
+    k_before, bytes_before = model.pool.k, model.pool.bytes_per_session
+    flood = ("x" * 500,)  # far more text than 4 slots per micro-turn can take
+    for k in range(150):
+        model.step([make_turn("s", k, video=k % 2 == 0, text=flood)])
+    session = model.sessions["s"]
+    assert len(session.text_backlog) <= MAX_TEXT_BACKLOG
+    assert model.pool.k is k_before and model.pool.bytes_per_session == bytes_before  # nothing reallocated
+    assert model.pool.length[session.slot] == 150 * model.cfg.turn_tokens  # positions keep counting
+    assert session.trace is None
