@@ -11,7 +11,8 @@ browser's own audio clock:
   grid moves later by the wait. After ``quiet_after`` underruns in a row the model counts as quiet again.
 
 The grid only moves earlier at the start of a talk spurt, so frames never leave faster than real time within one;
-it moves later only by observed lateness, so latency settles at the output's jitter and stays there. Send times are
+it moves later only by observed lateness. Latency added that way is won back in silence: when output lands while
+older output is still queued, the queued excess is recorded, and that many near-silent frames are skipped. Send times are
 ``anchor + n * 20 ms`` from an integer frame count and RTP timestamps advance exactly 960 a frame: nothing drifts.
 """
 
@@ -69,8 +70,10 @@ class PlayoutTrack(MediaStreamTrack):
         self.frames_out = 0
         self.underrun_frames = 0  # silence sent while the model was speaking, because its output was late
         self.overrun_samples = 0  # output dropped because the buffer was full
+        self.skipped_frames = 0  # silent frames dropped to win back latency
         self.speaking = False  # output is flowing; cleared after quiet_after underruns or by stop_speaking()
         self._missed = 0  # consecutive underrun frames
+        self._excess = 0  # frames of latency beyond one frame, seen when the last output landed
         self._clock = clock
         self._max = int(max_buffer_s * RATE)
         self._buffer = np.zeros(0, np.float32)
@@ -84,6 +87,7 @@ class PlayoutTrack(MediaStreamTrack):
 
     def push(self, audio_16k: np.ndarray) -> None:
         """Queue one micro-turn of model audio (16 kHz float)."""
+        self._excess = max(0, len(self._buffer) // FRAME_SAMPLES - 1)
         self._buffer = np.concatenate([self._buffer, self._interp.process(audio_16k)])
         if len(self._buffer) > self._max:
             self.overrun_samples += len(self._buffer) - self._max
@@ -112,6 +116,10 @@ class PlayoutTrack(MediaStreamTrack):
             # a talk spurt starts now, or we chose to wait past the due time: either way the grid moves here
             rephase = (arrived and not was_speaking) or (was_speaking and self._clock() > due)
         await asyncio.sleep(max(0.0, (due if not rephase else self._clock()) - self._clock()))
+        while self._excess and len(self._buffer) >= 2 * FRAME_SAMPLES and _silent(self._buffer[:FRAME_SAMPLES]):
+            self._buffer = self._buffer[FRAME_SAMPLES:]
+            self._excess -= 1
+            self.skipped_frames += 1
         if len(self._buffer) >= FRAME_SAMPLES:
             samples, self._buffer = self._buffer[:FRAME_SAMPLES], self._buffer[FRAME_SAMPLES:]
             self._missed = 0
@@ -134,3 +142,8 @@ class PlayoutTrack(MediaStreamTrack):
         self._pts += FRAME_SAMPLES
         self.frames_out += 1
         return frame
+
+
+def _silent(samples: np.ndarray, threshold: float = 1e-3) -> bool:
+    """Below about −60 dBFS peak: safe to skip without a listener noticing."""
+    return float(np.max(np.abs(samples))) < threshold
