@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 ENGINE = web.AppKey("engine", Engine)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
+WIDGET_FILES = {  # what /widget/ serves, and as which type
+    "microturn-widget.js": "text/javascript",
+    "microturn-widget.d.ts": "application/typescript",
+}
+# the URL is not versioned: a short max-age, then revalidation by ETag / Last-Modified
+WIDGET_CACHE = "public, max-age=600, stale-while-revalidate=86400"
 
 
 def make_store(settings: Settings) -> SessionStore:
@@ -40,6 +46,21 @@ async def demo_page(request: web.Request) -> web.Response:
     page = request.app[TEMPLATES].get_template("index.html").render(
         model=request.app[api.SETTINGS].model, micro_turn_ms=200)
     return web.Response(text=page, content_type="text/html")
+
+
+async def widget_file(request: web.Request) -> web.StreamResponse:
+    """The embeddable widget, loadable as a cross-origin ES module from the allowed origins (see web/README.md)."""
+    name = request.match_info["name"]
+    if name not in WIDGET_FILES:
+        raise web.HTTPNotFound()
+    headers = {"Cache-Control": WIDGET_CACHE, "Vary": "Origin", "X-Content-Type-Options": "nosniff",
+               "Cross-Origin-Resource-Policy": "cross-origin", "Content-Type": f"{WIDGET_FILES[name]}; charset=utf-8"}
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        if not api._origin_allowed(request, request.app[api.SETTINGS]):
+            return api.error(403, "origin_not_allowed", f"origin {origin} may not load this widget")
+        headers["Access-Control-Allow-Origin"] = origin
+    return web.FileResponse(WEB_ROOT / "widget" / name, headers=headers)
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -97,4 +118,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/", demo_page)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_static("/static/", WEB_ROOT / "static")
+    app.router.add_get("/widget/{name}", widget_file)
     return app
