@@ -5,7 +5,9 @@ micro-turn per session. One step runs one trunk forward for all of them together
 batch (each session's new tokens: the last micro-turn's model side, then this micro-turn's user side;
 concatenated, no padding; each session attends over its own KV slot); then the depth head unrolls each
 session's text tokens (``SPEAK``/``SILENT`` and the captions), sampled one after another; then the flow head
-(speaking sessions only) and the vocoder. See :mod:`inference.layout` for the token layout.
+(speaking sessions only) and the vocoder. See :mod:`inference.layout` for the token layout. Output audio is
+held back 25 ms (:data:`SEAM`) so that each micro-turn's Griffin-Lim chunk is cross-faded into the last one
+instead of butting against it; a silent micro-turn is zeros (after fading out speech that just ended).
 
 Session state (:class:`Session`) is created by :meth:`open`, touched only by the tick thread and dropped by
 :meth:`close`: its slot of the :class:`~inference.kv_cache.KVPool` (bounded: sinks + sliding window), the
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 MAX_TEXT_BACKLOG = 4096
 """User-side text tokens a session may have waiting; more is dropped (and logged)."""
 
+SEAM = 400
+"""Samples (25 ms) by which output audio is held back, so consecutive micro-turns are cross-faded, not cut."""
+
 
 def turn_seed(seed: int, index: int) -> int:
     """The sampling seed of micro-turn ``index`` of a session seeded ``seed`` (stable across processes)."""
@@ -70,6 +75,7 @@ class Session:
     slot: int  # its rows in the KV pool
     audio_context: torch.Tensor  # (624,) last input samples
     voice_context: torch.Tensor  # (vocoder_context, 80) last output log-mel frames
+    voice_tail: torch.Tensor  # (SEAM,) last output samples, held back for the next cross-fade
     pending: Tokens  # the last micro-turn's model side, not yet in the cache
     text_backlog: deque[int] = field(default_factory=deque)
     captions: tokenizer.CaptionDecoder = field(default_factory=tokenizer.CaptionDecoder)
@@ -90,6 +96,8 @@ class ReferenceModel:
             # the tick thread is the process's only torch user; leave the other cores to the gateway's codecs
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
         self.layout = TurnLayout.of(self.cfg)
+        if self.cfg.vocoder_context * self.cfg.hop < SEAM:
+            raise ValueError(f"vocoder_context must cover the {SEAM}-sample cross-fade")
         self.features = DMelStream()
         self.vocoder: Vocoder = vocoder if vocoder is not None else GriffinLim(self.cfg.griffin_lim_iters)
         self.record = record
@@ -111,7 +119,7 @@ class ReferenceModel:
             raise ValueError(f"session {session_id} is already open")
         silence = torch.full((self.cfg.vocoder_context, self.cfg.n_mels), LOG_MIN)
         self.sessions[session_id] = Session(seed, self.pool.alloc(), DMelStream.initial_state(), silence,
-                                            self.layout.silent_model_side(),
+                                            torch.zeros(SEAM), self.layout.silent_model_side(),
                                             trace=Trace() if self.record else None)
         self._slot_owner.append(session_id)
 
@@ -241,15 +249,22 @@ class ReferenceModel:
         return F.interpolate(t, size=size, mode="area")[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
 
     def _vocode(self, sessions: list[Session], mel: torch.Tensor, talkers: list[int]) -> list[np.ndarray]:
-        """Each session's 3200 output samples: the vocoder for speaking sessions, zeros for the others."""
-        ctx = self.cfg.vocoder_context
-        out = [np.zeros(MICRO_TURN_SAMPLES, dtype=np.float32) for _ in sessions]
+        """Each session's 3200 output samples, :data:`SEAM` samples late: the vocoder for speaking sessions,
+        silence for the others, each micro-turn's head cross-faded with the last one's held-back tail."""
+        ctx, hop = self.cfg.vocoder_context, self.cfg.hop
+        n = MICRO_TURN_SAMPLES
+        audio = torch.zeros(len(sessions), ctx * hop + n)  # samples [start - ctx·hop, start + 3200)
         if talkers:
             prev = torch.stack([sessions[b].voice_context for b in talkers])
-            audio = self.vocoder(torch.cat([prev, mel[talkers]], dim=1))[:, -MICRO_TURN_SAMPLES:]
-            for i, b in enumerate(talkers):
-                out[b] = audio[i].numpy().astype(np.float32)
+            audio[talkers] = self.vocoder(torch.cat([prev, mel[talkers]], dim=1))[:, -(ctx * hop + n):]
+        head = audio[:, -n - SEAM:-n]  # the last micro-turn's tail, synthesised again from the context frames
+        body = audio[:, -n:-SEAM]
+        fade = torch.linspace(0.0, 1.0, SEAM)
+        out = []
         for b, s in enumerate(sessions):
+            joined = torch.cat([s.voice_tail * (1 - fade) + head[b] * fade, body[b]])
+            out.append(joined.numpy().astype(np.float32))
+            s.voice_tail = audio[b, -SEAM:].clone()
             s.voice_context = mel[b, -ctx:].clone()
         return out
 

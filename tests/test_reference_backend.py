@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from inference import tokenizer
 from inference.engine import Engine
-from inference.reference import MAX_TEXT_BACKLOG, ReferenceModel
+from inference.reference import MAX_TEXT_BACKLOG, SEAM, ReferenceModel
 from microturn.contracts import MICRO_TURN_SAMPLES, ControlEvent, MicroTurn, MicroTurnOutput
 from tests._reference_helpers import make_net, make_turn, run, small_config
 
@@ -59,22 +60,28 @@ def test_same_seed_same_outputs_other_seed_other_outputs() -> None:
 
 
 def test_output_contract_and_silence() -> None:
-    model = ReferenceModel(make_net(small_config()))
+    model = ReferenceModel(make_net(small_config()), record=True)
     model.open("s", seed=0)
-    speaking = silent = 0
-    for k in range(12):
+    outs = []
+    for k in range(16):
         turn = make_turn("s", k, text=("é" * 20,) if k == 0 else (),
                          events=(ControlEvent("background_result", {"text": "42"}),) if k == 3 else ())
         out = model.step([turn])[0]
         assert (out.session_id, out.index) == ("s", k)
         assert out.audio.shape == (MICRO_TURN_SAMPLES,) and out.audio.dtype == np.float32
         assert isinstance(out.text, str)
-        if np.any(out.audio):
-            speaking += 1
+        outs.append(out)
+    trace = model.sessions["s"].trace
+    assert trace is not None
+    speaks = [int(ids[0]) == tokenizer.SPEAK for ids in trace.sampled]
+    assert any(speaks) and not all(speaks)  # a random model does both
+    for k, out in enumerate(outs):
+        if speaks[k]:
+            assert np.any(out.audio[SEAM:])
         else:
-            silent += 1
-            assert out.text == ""
-    assert speaking and silent  # a random model does both
+            assert out.text == "" and not np.any(out.audio[SEAM:])  # silence (after a 25 ms fade-out)
+            if k == 0 or not speaks[k - 1]:
+                assert not np.any(out.audio)
 
 
 def test_video_scans_the_frame_and_odd_sizes_are_fitted() -> None:
