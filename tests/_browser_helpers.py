@@ -6,13 +6,17 @@ fake camera reads a .y4m file. Both are generated per test session from espeak-n
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
+import time
 import wave
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -20,6 +24,34 @@ CHROMIUM = Path("/usr/bin/chromium")
 MICRO_TURN_S = 0.2
 
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed")
+
+# Added to every page before its own scripts: measure the energy of every remote audio track the page receives.
+# (Chromium only delivers a remote WebRTC stream's samples to WebAudio while the page also plays it in a media
+# element, so this measures what the page itself plays.)
+INBOUND_PROBE = """
+window.__inbound = { energy: 0, tracks: 0 };
+const NativePC = window.RTCPeerConnection;
+window.RTCPeerConnection = class extends NativePC {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("track", (e) => {
+      if (e.track.kind !== "audio") return;
+      window.__inbound.tracks += 1;
+      const ctx = new AudioContext();
+      const analyser = ctx.createAnalyser();
+      ctx.createMediaStreamSource(new MediaStream([e.track])).connect(analyser);
+      const data = new Float32Array(analyser.fftSize);
+      setInterval(() => {
+        analyser.getFloatTimeDomainData(data);
+        let sum = 0;
+        for (const v of data) sum += v * v;
+        window.__inbound.energy += sum / data.length;
+      }, 50);
+    });
+  }
+};
+"""
+
 
 
 def make_fake_mic_wav(speech_wav: Path, out: Path, pad_s: float = 0.6) -> Path:
@@ -107,3 +139,21 @@ async def chromium(user_data_dir: Path, mic_wav: Path, camera_y4m: Path | None =
             yield context
         finally:
             await context.close()
+
+
+async def session_state(base: str, created: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{base}/v1/sessions/{created['session_id']}",
+            headers={"Authorization": f"Bearer {created['token']}"}) as resp:
+        return resp.status, dict(await resp.json())
+
+
+async def wait_for_turns(base: str, created: dict[str, Any], turns: int, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status, state = await session_state(base, created)
+        if status == 200 and state.get("micro_turns", 0) >= turns:
+            return state
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the session did not reach {turns} micro-turns: {state}")

@@ -10,60 +10,23 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests._browser_helpers import best_envelope_match, chromium, make_fake_mic_wav, needs_chromium, read_wav
+from tests._browser_helpers import (
+    INBOUND_PROBE,
+    best_envelope_match,
+    chromium,
+    make_fake_mic_wav,
+    needs_chromium,
+    read_wav,
+    session_state,
+    wait_for_turns,
+)
 
 pytestmark = [pytest.mark.browser, needs_chromium]
 
-# Added to every page before its own scripts: measure the energy of every remote audio track the page receives.
-# (Chromium only delivers a remote WebRTC stream's samples to WebAudio while the page also plays it in a media
-# element, so this measures what the page itself plays.)
-INBOUND_PROBE = """
-window.__inbound = { energy: 0, tracks: 0 };
-const NativePC = window.RTCPeerConnection;
-window.RTCPeerConnection = class extends NativePC {
-  constructor(...args) {
-    super(...args);
-    this.addEventListener("track", (e) => {
-      if (e.track.kind !== "audio") return;
-      window.__inbound.tracks += 1;
-      const ctx = new AudioContext();
-      const analyser = ctx.createAnalyser();
-      ctx.createMediaStreamSource(new MediaStream([e.track])).connect(analyser);
-      const data = new Float32Array(analyser.fftSize);
-      setInterval(() => {
-        analyser.getFloatTimeDomainData(data);
-        let sum = 0;
-        for (const v of data) sum += v * v;
-        window.__inbound.energy += sum / data.length;
-      }, 50);
-    });
-  }
-};
-"""
-
-
-async def session_state(base: str, created: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.get(
-            f"{base}/v1/sessions/{created['session_id']}",
-            headers={"Authorization": f"Bearer {created['token']}"}) as resp:
-        return resp.status, dict(await resp.json())
-
-
-async def wait_for_turns(base: str, created: dict[str, Any], turns: int, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    state: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        status, state = await session_state(base, created)
-        if status == 200 and state.get("micro_turns", 0) >= turns:
-            return state
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"the session did not reach {turns} micro-turns: {state}")
 
 
 @pytest.mark.timeout(60)
