@@ -12,8 +12,8 @@ browser's own audio clock:
 
 The grid only moves earlier at the start of a talk spurt, so frames never leave faster than real time within one;
 it moves later only by observed lateness. Latency added that way is won back in silence: when output lands while
-older output is still queued, the queued excess is recorded, and that many near-silent frames are skipped. Send times are
-``anchor + n * 20 ms`` from an integer frame count and RTP timestamps advance exactly 960 a frame: nothing drifts.
+older output is still queued, the queued excess is recorded, and that many near-silent frames are skipped. Send times
+are ``anchor + n * 20 ms`` from an integer frame count and RTP timestamps advance exactly 960 a frame: nothing drifts.
 """
 
 from __future__ import annotations

@@ -1,0 +1,86 @@
+"""The command line as a user runs it: serve in one process, probe and bench from others."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from microturn.bench_gateway import bench_gateway
+from microturn.config import Settings
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", "serve", "--port", str(port),
+                             "--ice-host", "127.0.0.1", "--log-level", "WARNING"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/livez", timeout=1):
+                break
+        except OSError:
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_probe_records_a_time_aligned_echo(served: str, speech_wav: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.wav"
+    run = subprocess.run([sys.executable, "-m", "microturn.cli", "probe", served, "--in", str(speech_wav),
+                          "--out", str(out), "--text", "hello@0.5"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(result) >= {"session_id", "micro_turns_sent", "audio_in_seconds", "audio_out_seconds",
+                           "first_output_ms", "captions", "errors"}
+    assert result["errors"] == []
+    assert result["micro_turns_sent"] >= result["audio_in_seconds"] / 0.2 - 1
+    assert 200 <= result["first_output_ms"] <= 400  # the first speech comes back one micro-turn later
+    assert any("you wrote: hello" in c for c in result["captions"])
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 48_000 and w.getnchannels() == 1
+        audio = np.frombuffer(w.readframes(w.getnframes()), np.int16)
+    assert len(audio) >= result["audio_in_seconds"] * 48_000
+    assert np.abs(audio).max() > 3000
+
+
+def test_probe_reports_an_unreachable_gateway(tmp_path: Path, speech_wav: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "microturn.cli", "probe", f"http://127.0.0.1:{free_port()}",
+                          "--in", str(speech_wav), "--out", str(tmp_path / "o.wav")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "ClientConnectorError" in json.loads(run.stdout.strip().splitlines()[-1])["errors"][0]
+
+
+def test_bench_gateway_reports_every_field() -> None:
+    result = bench_gateway(sessions=2, seconds=4, processes=1)
+    assert set(result) >= {"sessions", "seconds", "micro_turns", "late_micro_turns", "underrun_frames",
+                           "frames_out", "added_latency_ms", "cpu_seconds_per_session_second"}
+    assert result["errors"] == []
+    assert result["micro_turns"] >= 2 * 15
+    assert result["frames_out"] >= 2 * 150
+    assert result["impulses"] >= 4 and result["added_latency_ms"]["p50"] is not None
+    assert 0 < result["cpu_seconds_per_session_second"] < 2
+
+
+def test_settings_come_from_environment_then_flags() -> None:
+    env = {"MICROTURN_PORT": "9001", "MICROTURN_ALLOWED_ORIGINS": "https://a.example, https://b.example",
+           "MICROTURN_DEADLINE_GRACE_MS": "40"}
+    settings = Settings.from_env(env, port=9002)
+    assert settings.port == 9002
+    assert settings.allowed_origins == ("https://a.example", "https://b.example")
+    assert settings.deadline_grace_ms == 40
+    assert Settings.from_env({}).model == "echo"

@@ -1,0 +1,83 @@
+"""Session records in memory and in a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from microturn.client import RATE, ProbeClient
+from microturn.contracts import SessionRecord
+from tests.conftest import loopback_settings, start_gateway
+from webrtc_gateway.store import MemorySessionStore, RedisSessionStore, StoreUnavailable, record_key
+
+
+def record(sid: str = "abc") -> SessionRecord:
+    return SessionRecord(session_id=sid, owner="gw-1", model="echo", created=1.0, last_seen=2.0, micro_turn=7,
+                         state="connected", config={"voice": "x", "n": 3})
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_put_get_delete(kind: str, redis_url: str) -> None:
+    store = MemorySessionStore() if kind == "memory" else RedisSessionStore(redis_url, ttl_s=30)
+    try:
+        await store.put(record())
+        assert await store.get("abc") == record()
+        assert await store.get("missing") is None
+        await store.delete("abc")
+        assert await store.get("abc") is None
+    finally:
+        await store.close()
+
+
+async def test_redis_keys_share_a_hash_tag_and_expire(redis_url: str) -> None:
+    store = RedisSessionStore(redis_url, ttl_s=30)
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await store.put(record("s-42"))
+        assert record_key("s-42") == "microturn:{s-42}:record"
+        assert 0 < await raw.ttl(record_key("s-42")) <= 30
+    finally:
+        await store.close()
+        await raw.aclose()
+
+
+async def test_unreachable_redis_is_reported() -> None:
+    store = RedisSessionStore("redis://127.0.0.1:1/0")
+    with pytest.raises(StoreUnavailable):
+        await store.put(record())
+    await store.close()
+
+
+async def test_gateway_keeps_its_session_records_in_redis(redis_url: str) -> None:
+    server = await start_gateway(loopback_settings(redis=redis_url, gateway_id="gw-test"))
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    base = str(server.make_url("")).rstrip("/")
+    client = ProbeClient(base, np.zeros(2 * RATE, np.float32))
+    try:
+        await client.connect()
+        await asyncio.sleep(0.3)
+        stored = await raw.hgetall(record_key(client.session_id))
+        assert stored["owner"] == "gw-test" and stored["state"] == "connected" and stored["model"] == "echo"
+        await client.close()
+        await asyncio.sleep(0.2)
+        assert await raw.exists(record_key(client.session_id)) == 0  # a closed session is deleted
+    finally:
+        await raw.aclose()
+        await server.close()
+
+
+async def test_new_sessions_get_503_when_redis_is_down() -> None:
+    server = await start_gateway(loopback_settings(redis="redis://127.0.0.1:1/0"))
+    try:
+        url = f"{str(server.make_url('')).rstrip('/')}/v1/sessions"
+        async with aiohttp.ClientSession() as http, http.post(url, json={}) as resp:
+            body = await resp.json()
+            assert resp.status == 503
+            assert body["error"]["code"] == "store_unavailable"
+            assert resp.headers["Retry-After"]
+    finally:
+        await server.close()
