@@ -58,7 +58,7 @@ def integrator_page(gateway_base: str, camera: str) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>An integrator's page</title>
 <script type="module" src="{gateway_base}/widget/microturn-widget.js"></script></head>
-<body style="margin:12px;background:#fff">
+<body>
 <microturn-widget server="{gateway_base}" token-url="/api/microturn-token" camera="{camera}"></microturn-widget>
 </body></html>"""
 
@@ -67,7 +67,11 @@ async def integrator(port: int, gateway_base: str, camera: str = "on") -> AsyncI
     """The integrator's site on 127.0.0.1:``port``: its page, and its backend's token endpoint."""
 
     async def page(request: web.Request) -> web.Response:
-        return web.Response(text=integrator_page(gateway_base, camera), content_type="text/html")
+        # a strict policy, as web/README.md recommends: the widget must work without any 'unsafe-inline'
+        csp = (f"default-src 'none'; script-src {gateway_base}; connect-src 'self' {gateway_base}; "
+               "style-src 'self'; media-src 'self' blob: mediastream:")
+        return web.Response(text=integrator_page(gateway_base, camera), content_type="text/html",
+                            headers={"Content-Security-Policy": csp})
 
     async def token(request: web.Request) -> web.Response:
         # server to server: no Origin header; a real backend would check its own user's login here
@@ -119,6 +123,7 @@ async def test_widget_on_another_origin(gateway_and_site: tuple[TestServer, str]
         page = await context.new_page()  # type: ignore[attr-defined]
         await page.add_init_script(INBOUND_PROBE)
         await page.add_init_script(EVENT_LOG)
+        await page.emulate_media(reduced_motion="reduce")  # steady indicators in the screenshots
         await page.goto(site + "/")
         widget = page.locator("microturn-widget")
         await page.wait_for_function("customElements.get('microturn-widget') !== undefined")

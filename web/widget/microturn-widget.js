@@ -121,6 +121,7 @@ const STYLE = `
 @media (prefers-reduced-motion: reduce) { :host([state="listening"]) .mic .dot { animation: none; } }
 .indicator { display: inline-flex; align-items: center; gap: .35rem; font-weight: 600; }
 .camera { color: var(--microturn-live); }
+.camera .dot { background: currentColor; }
 .quality { margin-left: auto; color: var(--microturn-muted); font-size: .85rem; }
 .buttons { display: flex; gap: .5rem; flex-wrap: wrap; }
 button { font: inherit; border-radius: calc(var(--microturn-radius) / 1.5); padding: .45rem .9rem; cursor: pointer;
@@ -145,7 +146,7 @@ const TEMPLATE = `
 <div class="panel" part="panel">
   <div class="status" part="status">
     <span class="indicator mic" part="indicator mic-indicator"><span class="dot"></span><span class="state-text"></span></span>
-    <span class="indicator camera" part="indicator camera-indicator" hidden><span class="dot" style="background:currentColor"></span>Camera on</span>
+    <span class="indicator camera" part="indicator camera-indicator" hidden><span class="dot"></span>Camera on</span>
     <span class="quality" part="quality"></span>
   </div>
   <video class="preview" part="preview" muted playsinline autoplay hidden aria-label="Your camera, as sent"></video>
@@ -212,7 +213,15 @@ export class MicroturnWidget extends HTMLElement {
   constructor() {
     super();
     const root = this.attachShadow({ mode: "open" });
-    root.innerHTML = `<style>${STYLE}</style>${TEMPLATE}`;
+    // A constructed style sheet is not an inline style, so a strict CSP style-src needs no 'unsafe-inline'.
+    if ("adoptedStyleSheets" in root) {
+      const sheet = new CSSStyleSheet();
+      sheet.replaceSync(STYLE);
+      root.adoptedStyleSheets = [sheet];
+      root.innerHTML = TEMPLATE;
+    } else {
+      root.innerHTML = `<style>${STYLE}</style>${TEMPLATE}`;
+    }
     const q = (selector) => root.querySelector(selector);
     this.#ui = {
       stateText: q(".state-text"), cameraBadge: q(".camera"), quality: q(".quality"), preview: q(".preview"),
