@@ -16,10 +16,8 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from microturn.config import Settings
-    from webrtc_gateway.app import create_app
+    from webrtc_gateway.app import run
 
     settings = Settings.from_env(
         host=args.host, port=args.port, model=args.model, checkpoint=args.checkpoint, device=args.device,
@@ -27,13 +25,13 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(args.allowed_origins.split(",")) if args.allowed_origins else None,
         ice_servers=tuple(args.ice_servers.split(",")) if args.ice_servers else None,
         ice_host_addresses=tuple(args.ice_host.split(",")) if args.ice_host else None,
-        log_level=args.log_level,
+        api_keys=tuple(args.api_keys.split(",")) if args.api_keys else None,
+        drain_timeout_s=args.drain_timeout, log_level=args.log_level,
     )
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"microturn: serving model {settings.model!r} on http://{settings.host}:{settings.port}/",
           file=sys.stderr, flush=True)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                shutdown_timeout=5)
+    asyncio.run(run(settings))
     return 0
 
 
@@ -89,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-origins", help="comma-separated browser origins allowed to call the API")
     serve.add_argument("--ice-servers", help="comma-separated STUN/TURN URLs handed to browsers")
     serve.add_argument("--ice-host", help="comma-separated local addresses to offer as ICE host candidates")
+    serve.add_argument("--api-keys", help="comma-separated keys that may create sessions (default: open, dev mode)")
+    serve.add_argument("--drain-timeout", type=float, help="seconds live sessions may go on after SIGTERM")
     serve.add_argument("--log-level")
     serve.set_defaults(func=_serve)
 

@@ -31,6 +31,8 @@ class Settings:
     ice_servers: tuple[str, ...] = ()  # e.g. stun:stun.example.org:3478; empty for loopback/LAN
     ice_host_addresses: tuple[str, ...] = ()  # host candidates to offer; empty: every interface but loopback
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed to call the API; empty: same origin only
+    api_keys: tuple[str, ...] = ()  # keys that may create sessions (integrators' backends); empty: dev mode, open
+    drain_timeout_s: float = 600.0  # on SIGTERM, how long live sessions may go on before being told to move
     max_sessions: int = 64
     max_sdp_bytes: int = 32_768
     max_message_bytes: int = 4_096  # largest data-channel message accepted

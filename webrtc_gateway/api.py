@@ -1,11 +1,11 @@
 """HTTP API of the gateway: thin handlers over :class:`~webrtc_gateway.gateway.Gateway`.
 
 ==========================================  =====================================================================
-``POST /v1/sessions``                       create a session → ``{session_id, token, expires_in, ice_servers}``
+``POST /v1/sessions``                       create a session (``Authorization: Bearer API_KEY`` when keys are set)
 ``POST /v1/sessions/{id}/offer``            ``{"sdp", "type": "offer"}`` + ``Authorization: Bearer TOKEN`` → answer
 ``GET /v1/sessions/{id}``                   the session's state and counters (token required)
 ``DELETE /v1/sessions/{id}``                end the session (token required)
-``GET /livez``, ``GET /readyz``             health
+``GET /livez``, ``GET /readyz``             health; ``/readyz`` is 503 while draining
 ``GET /metrics``                            Prometheus text format
 ==========================================  =====================================================================
 
@@ -15,6 +15,7 @@ Errors are JSON ``{"error": {"code": "...", "message": "..."}}`` with a 4xx/5xx 
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from microturn.config import Settings
-from webrtc_gateway.gateway import AlreadyConnected, Gateway, GatewayFull, UnknownSession
+from webrtc_gateway.gateway import AlreadyConnected, Draining, Gateway, GatewayFull, UnknownSession
 from webrtc_gateway.session import OfferError
 from webrtc_gateway.store import StoreUnavailable
 from webrtc_gateway.tokens import TokenError
@@ -66,6 +67,8 @@ async def origin_and_errors(request: web.Request, handler: Handler) -> web.Strea
             response = error(exc.status, "http_error", exc.reason)
         else:
             raise
+    except Draining as exc:
+        response = error(503, "draining", str(exc), {"Retry-After": "1"})
     except StoreUnavailable as exc:
         response = error(503, "store_unavailable", f"session state is unavailable: {exc}",
                          {"Retry-After": "2"})
@@ -116,9 +119,20 @@ def refusals(handler: Handler) -> Handler:
     return wrapped
 
 
+def _check_api_key(request: web.Request) -> None:
+    keys = request.app[SETTINGS].api_keys
+    if not keys:
+        return  # dev mode: anyone who may reach the gateway (and passes the Origin check) creates sessions
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+    if not any(hmac.compare_digest(given, key.encode()) for key in keys):
+        raise _Refused(401, "api_key_invalid", "creating a session needs 'Authorization: Bearer API_KEY'; "
+                       "call this from your backend, never from a browser")
+
+
 @refusals
 async def create_session(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
+    _check_api_key(request)
     await _json_body(request, 4096)
     try:
         record, token = await gateway.create()
@@ -197,7 +211,10 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ready", "sessions": request.app[GATEWAY].session_count})
+    gateway = request.app[GATEWAY]
+    if gateway.draining:
+        return web.json_response({"status": "draining", "sessions": gateway.session_count}, status=503)
+    return web.json_response({"status": "ready", "sessions": gateway.session_count})
 
 
 def add_routes(app: web.Application) -> None:

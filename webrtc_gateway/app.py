@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -102,6 +103,21 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _close_peers(app: web.Application) -> None:
     await app[api.GATEWAY].close_all()
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (see :meth:`Gateway.drain`) and shut down."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app[api.GATEWAY].drain(settings.drain_timeout_s)
+    await runner.cleanup()
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -34,6 +34,10 @@ class AlreadyConnected(Exception):
     """The session already has a peer connection."""
 
 
+class Draining(Exception):
+    """The gateway is draining: it takes no new sessions or connections."""
+
+
 @dataclass
 class Totals:
     """Counters of sessions that have ended, so that metrics never go backwards."""
@@ -56,6 +60,7 @@ class Gateway:
         self.pending: dict[str, float] = {}  # created, no offer yet: session id → creation time
         self.live: dict[str, GatewaySession] = {}
         self.totals = Totals()
+        self.draining = False
 
     @property
     def session_count(self) -> int:
@@ -63,6 +68,8 @@ class Gateway:
 
     async def create(self) -> tuple[SessionRecord, str]:
         """Make a new session; returns its record and a connect token."""
+        if self.draining:
+            raise Draining("this gateway is draining; create the session on another one")
         if self.session_count >= self.settings.max_sessions:
             raise GatewayFull(f"this gateway holds its maximum of {self.settings.max_sessions} sessions")
         now = time.time()
@@ -75,6 +82,8 @@ class Gateway:
 
     async def connect(self, session_id: str, offer_sdp: str) -> str:
         """Accept the browser's offer for a created session; returns the answer SDP."""
+        if self.draining:
+            raise Draining("this gateway is draining; start the session on another one")
         if session_id in self.live:
             raise AlreadyConnected("this session already has a connection")
         if session_id not in self.pending:
@@ -120,6 +129,18 @@ class Gateway:
         cutoff = time.monotonic() - self.settings.token_ttl_s
         for sid in [sid for sid, created in self.pending.items() if created < cutoff]:
             await self.end(sid, "never connected")
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking sessions, let live ones go on for up to ``timeout_s``, then tell the rest to move."""
+        self.draining = True
+        log.info("draining: %d live sessions, up to %.0f s", len(self.live), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        for session in list(self.live.values()):
+            session.send_reconnect("this gateway is shutting down; resume the session on another one")
+        if self.live:
+            await asyncio.sleep(0.5)  # let the messages leave before the peers close
 
     async def close_all(self) -> None:
         await asyncio.gather(*(s.close("gateway shutting down") for s in list(self.live.values())))

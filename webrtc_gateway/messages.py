@@ -16,6 +16,7 @@ Gateway → browser:
 - ``{"type": "caption", "turn": K, "text": "..."}`` — what the model said in micro-turn K (a delta).
 - ``{"type": "event", "turn": K, "name": "...", "data": {...}}`` — something the model did (e.g. a background task).
 - ``{"type": "error", "code": "...", "message": "..."}`` — a message was refused; the session goes on.
+- ``{"type": "reconnect", "reason": "..."}`` — this gateway is going away (drain): resume the session elsewhere.
 - ``{"type": "pong", ...}`` — see ping.
 
 Messages larger than the configured limit (4096 bytes by default), binary messages, invalid JSON and unknown types

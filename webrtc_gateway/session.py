@@ -191,6 +191,10 @@ class GatewaySession:
         else:
             self._send({"type": "pong", "id": message.id, "server_time": time.time()})
 
+    def send_reconnect(self, reason: str) -> None:
+        """Ask the browser to move the session elsewhere (the gateway is going away)."""
+        self._send({"type": "reconnect", "reason": reason})
+
     def send_error(self, code: str, message: str) -> None:
         self.errors_sent += 1
         self._send({"type": "error", "code": code, "message": message})
