@@ -102,6 +102,8 @@ def _metrics(url: str) -> dict[str, float]:
         for sample in family.samples:
             if not sample.labels:
                 values[sample.name] = sample.value
+            elif set(sample.labels) == {"quantile"}:
+                values[f"{sample.name}:{sample.labels['quantile']}"] = sample.value
     return values
 
 
@@ -119,13 +121,14 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 
 def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False, processes: int = 2,
-                  server_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-able result."""
+                  model: str = "echo", checkpoint: str | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-able result. With a model other than echo there is no echo to time,
+    so ``added_latency_ms`` is empty and the engine's own step and wait times tell the story."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "microturn.cli", "serve", "--port", str(port), "--model", "echo",
-         "--ice-host", "127.0.0.1", "--log-level", "WARNING", *server_args],
+        [sys.executable, "-m", "microturn.cli", "serve", "--port", str(port), "--model", model,
+         "--ice-host", "127.0.0.1", "--log-level", "WARNING", *(["--checkpoint", checkpoint] if checkpoint else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_ready(url, server)
@@ -151,6 +154,10 @@ def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False,
     def delta(name: str) -> int:
         return int(after.get(name, 0) - before.get(name, 0))
 
+    def ms(name: str) -> dict[str, float]:
+        names = {"0.5": "p50", "0.99": "p99"}
+        return {names[q]: round(after[f"{name}:{q}"] * 1000, 1) for q in names if f"{name}:{q}" in after}
+
     def pct(q: float) -> float | None:
         return round(float(np.percentile(added, q)), 1) if added.size else None
 
@@ -167,5 +174,8 @@ def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False,
         "impulses": int(added.size),
         "impulses_lost": sum(r["lost"] for r in results),
         "cpu_seconds_per_session_second": round(cpu / (sessions * seconds), 4),
+        "model": model,
+        "engine_tick_ms": ms("microturn_engine_tick_seconds"),
+        "engine_wait_ms": ms("microturn_engine_wait_seconds"),
         "errors": [r["error"] for r in results if r["error"]],
     }

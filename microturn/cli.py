@@ -55,7 +55,8 @@ def _bench(args: argparse.Namespace) -> int:
         from microturn.bench_gateway import bench_gateway
 
         result = bench_gateway(sessions=args.sessions, seconds=args.seconds, video=args.video,
-                               processes=args.processes)
+                               processes=args.processes, model=args.model,
+                               checkpoint=str(args.checkpoint) if args.checkpoint else None)
     else:
         from inference.bench_engine import bench_engine
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=20.0)
     bench.add_argument("--video", action="store_true", help="gateway: clients also send video")
     bench.add_argument("--processes", type=int, default=2, help="gateway: load-client processes")
+    bench.add_argument("--model", default="echo", help="gateway: the model the gateway serves")
+    bench.add_argument("--checkpoint", type=Path, help="gateway: checkpoint for --model reference")
     bench.add_argument("--preset", default="tiny", help="engine: model preset")
     bench.add_argument("--device", default="cpu", help="engine: torch device")
     bench.add_argument("--json", action="store_true", help="one line of JSON")
