@@ -227,3 +227,41 @@ def test_screenshots_are_checked_in() -> None:
     for name in ("idle", "listening", "muted", "error"):
         path = DOCS / f"{name}.png"
         assert path.exists() and path.stat().st_size < 150_000, path
+
+
+@pytest.mark.timeout(60)
+async def test_widget_reconnects_as_a_new_session_when_the_gateway_drops_it(
+        gateway_and_site: tuple[TestServer, str], speech_wav: Path, tmp_path: Path) -> None:
+    gateway, site = gateway_and_site
+    base = str(gateway.make_url("")).rstrip("/")
+    mic = make_fake_mic_wav(speech_wav, tmp_path / "mic.wav")
+    session_js = "(() => { const s = document.querySelector('microturn-widget').session;" \
+                 " return s && { session_id: s.sessionId, token: s.token }; })()"
+    async with chromium(tmp_path / "profile", mic) as context:
+        page = await context.new_page()  # type: ignore[attr-defined]
+        await page.add_init_script(EVENT_LOG)
+        await page.goto(site + "/")
+        await page.get_by_role("button", name="Connect", exact=True).click()
+        await page.wait_for_selector('microturn-widget[state="listening"]', timeout=15000)
+        first = await page.evaluate(session_js)
+        await wait_for_turns(base, first, 3, timeout=10)
+
+        # the gateway ends the session (as a crash, drain or idle timeout would)
+        async with aiohttp.ClientSession() as http, http.delete(
+                f"{base}/v1/sessions/{first['session_id']}",
+                headers={"Authorization": f"Bearer {first['token']}"}) as resp:
+            assert resp.status == 200
+        await page.wait_for_selector('microturn-widget[state="reconnecting"]', timeout=10000)
+        await page.wait_for_selector('microturn-widget[state="listening"]', timeout=15000)
+        second = await page.evaluate(session_js)
+        state = await wait_for_turns(base, second, 3, timeout=10)
+        events = await page.evaluate("window.__events")
+        await page.get_by_role("button", name="Disconnect", exact=True).click()
+
+    assert second["session_id"] != first["session_id"]  # no resume flow yet: a clean new session
+    assert state["state"] == "connected"
+    assert (await session_state(base, first))[0] == 404
+    states = [e["detail"]["state"] for e in events if e["type"] == "microturn-state"]
+    assert states[:4] == ["connecting", "listening", "reconnecting", "listening"], states
+    assert [e["detail"]["sessionId"] for e in events if e["type"] == "microturn-session"] == [
+        first["session_id"], second["session_id"]]
