@@ -44,6 +44,7 @@ pytestmark = [pytest.mark.browser, needs_chromium]
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "widget"
 WIDGET_JS = Path(__file__).resolve().parent.parent / "web" / "widget" / "microturn-widget.js"
+API_KEY = "integrator-backend-key"  # what the integrator's backend holds; the browser never sees it
 WRITE_SCREENSHOTS = os.environ.get("MICROTURN_WRITE_SCREENSHOTS") == "1"
 
 EVENT_LOG = """
@@ -75,7 +76,8 @@ async def integrator(port: int, gateway_base: str, camera: str = "on") -> AsyncI
 
     async def token(request: web.Request) -> web.Response:
         # server to server: no Origin header; a real backend would check its own user's login here
-        async with aiohttp.ClientSession() as http, http.post(f"{gateway_base}/v1/sessions", json={}) as resp:
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{gateway_base}/v1/sessions", json={}, headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
             return web.json_response(await resp.json(), status=200 if resp.status == 201 else resp.status)
 
     app = web.Application()
@@ -104,7 +106,7 @@ async def levels_after(base: str, created: dict[str, Any], turn: int, count: int
 async def gateway_and_site() -> AsyncIterator[tuple[TestServer, str]]:
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
-    gateway = await start_gateway(loopback_settings(allowed_origins=(origin,)))
+    gateway = await start_gateway(loopback_settings(allowed_origins=(origin,), api_keys=(API_KEY,)))
     base = str(gateway.make_url("")).rstrip("/")
     async with integrator(port, base) as site:
         yield gateway, site

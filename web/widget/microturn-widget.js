@@ -94,7 +94,7 @@ async function requestJson(url, init, { tokenEndpoint = false } = {}) {
   const code = (body.error && body.error.code) || "";
   const detail = `${response.status} ${code} ${(body.error && body.error.message) || ""}`.trim();
   if (tokenEndpoint) throw new MicroturnError("token_failed", { detail });
-  if (code === "origin_not_allowed") throw new MicroturnError("not_allowed", { detail });
+  if (code === "origin_not_allowed" || code === "api_key_invalid") throw new MicroturnError("not_allowed", { detail });
   if (code === "token_invalid" || code === "unknown_session" || response.status === 401) {
     throw new MicroturnError("session_expired", { detail });
   }
@@ -464,6 +464,8 @@ export class MicroturnWidget extends HTMLElement {
     } else if (msg.type === "pong" && this.#pings.has(msg.id)) {
       this.#rttMs = performance.now() - this.#pings.get(msg.id);
       this.#pings.delete(msg.id);
+    } else if (msg.type === "reconnect") {
+      this.#lost(`the gateway asked to move: ${msg.reason || "draining"}`); // a planned move (gateway drain)
     } else if (msg.type === "session" && this.#session) {
       this.#session.microTurnMs = msg.micro_turn_ms || this.#session.microTurnMs;
     }
