@@ -6,11 +6,13 @@ scale and area-normalised filters, on the magnitude spectrum), log10, clipped to
 rounded to the nearest of 16 evenly spaced levels ``linspace(−7, 2, 16)``: bin ``b`` stands for ``−7 + 9 b /
 15``.
 
-Framing is causal, so it streams: the hop is 400 samples (25 ms, 40 frames per second) and frame ``i`` covers
-the 1024 samples that end at sample ``(i + 1) · 400`` (zeros before the start of the stream). A micro-turn of
-3200 samples is exactly 8 frames, and none of them looks at a sample after the micro-turn: :class:`DMelStream`
-keeps the last 624 samples of the previous micro-turn as the left context of the first windows, which makes
-streaming features equal to offline ones. """
+Framing is per micro-turn, so it streams and keeps no state: the hop is 400 samples (25 ms, 40 frames per
+second), a micro-turn of 3200 samples is exactly 8 frames, and frame ``i`` of a micro-turn covers the 1024
+samples that end at its sample ``(i + 1) · 400``. The first two windows reach back before the micro-turn; that
+part is the micro-turn's own start, reflected, never the previous micro-turn's audio. So the features of
+micro-turn ``k`` depend on micro-turn ``k`` alone: nothing after it, and nothing a session has to keep (or a
+restored session to recover) from before it. Offline features are the same computation over every micro-turn.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import math
 
 import torch
 
-from microturn.contracts import SAMPLE_RATE
+from microturn.contracts import MICRO_TURN_SAMPLES, SAMPLE_RATE
 
 N_FFT = 1024
 HOP = 400
@@ -65,7 +67,8 @@ def hann(n_fft: int = N_FFT) -> torch.Tensor:
 
 
 def causal_frames(audio: torch.Tensor, n_fft: int = N_FFT, hop: int = HOP) -> torch.Tensor:
-    """Windowed frames of audio that already carries its ``n_fft - hop`` samples of left context.
+    """Windowed frames of audio that already carries ``n_fft - hop`` samples of left context; frame ``i`` ends
+    where hop ``i`` ends.
 
     (B, CONTEXT + F·hop) → (B, F, n_fft)
     """
@@ -78,14 +81,19 @@ def magnitude(audio_with_context: torch.Tensor) -> torch.Tensor:
 
 
 def log_mel(audio: torch.Tensor, fb: torch.Tensor | None = None) -> torch.Tensor:
-    """Offline clipped log10 mel of whole signals: (B, S) with S a multiple of 400 → (B, S // 400, 80)."""
-    padded = torch.nn.functional.pad(audio, (CONTEXT, 0))
-    return log_mel_with_context(padded, fb)
+    """Clipped log10 mel of whole signals, micro-turn by micro-turn: (B, S), S a multiple of 400 → (B, S/400, 80)."""
+    b, n = audio.shape
+    turns = -(-n // MICRO_TURN_SAMPLES)
+    padded = torch.nn.functional.pad(audio, (0, turns * MICRO_TURN_SAMPLES - n))
+    frames = micro_turn_log_mel(padded.reshape(b * turns, MICRO_TURN_SAMPLES), fb)  # (B·K, 8, 80)
+    return frames.reshape(b, -1, frames.shape[-1])[:, : n // HOP]
 
 
-def log_mel_with_context(audio_with_context: torch.Tensor, fb: torch.Tensor | None = None) -> torch.Tensor:
-    fb = mel_filterbank().to(audio_with_context.device) if fb is None else fb
-    mel = magnitude(audio_with_context) @ fb.T  # (B, F, 80)
+def micro_turn_log_mel(audio: torch.Tensor, fb: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3200) micro-turns → (B, 8, 80) clipped log10 mel; the first windows see the start reflected."""
+    fb = mel_filterbank().to(audio.device) if fb is None else fb
+    padded = torch.nn.functional.pad(audio[:, None], (CONTEXT, 0), mode="reflect")[:, 0]
+    mel = magnitude(padded) @ fb.T  # (B, 8, 80)
     return torch.log10(mel.clamp_min(10.0 ** LOG_MIN)).clamp(LOG_MIN, LOG_MAX)
 
 
@@ -101,21 +109,11 @@ def dequantize(bins: torch.Tensor) -> torch.Tensor:
 
 
 class DMelStream:
-    """Causal dMel for a batch of streams, one micro-turn at a time; holds no per-stream state itself.
-
-    Each stream's state is its last :data:`CONTEXT` samples (a (624,) tensor, zeros at the start), which
-    :meth:`step` takes and returns, so the caller (the session) owns it.
-    """
+    """dMel bins of a batch of micro-turns (stateless; holds the mel filterbank)."""
 
     def __init__(self) -> None:
         self.fb = mel_filterbank()
 
-    @staticmethod
-    def initial_state() -> torch.Tensor:
-        return torch.zeros(CONTEXT)
-
-    def step(self, audio: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3200) audio and (B, 624) states → (B, 8, 80) bins and (B, 624) next states."""
-        joined = torch.cat([states, audio], dim=1)  # (B, 624 + 3200)
-        bins = quantize(log_mel_with_context(joined, self.fb))
-        return bins, joined[:, -CONTEXT:].clone()
+    def step(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, 3200) audio → (B, 8, 80) bins."""
+        return quantize(micro_turn_log_mel(audio, self.fb))

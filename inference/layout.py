@@ -35,19 +35,20 @@ import torch
 from inference import tokenizer
 from inference.config import ModelConfig
 
-TEXT, AUDIO_IN, AUDIO_OUT, PATCH = 0, 1, 2, 3
-"""Token kinds."""
+TEXT, AUDIO_IN, AUDIO_OUT, PATCH, FEATURE = 0, 1, 2, 3, 4
+"""Token kinds. PATCH carries pixels (the stem embeds it); FEATURE carries a patch already through the stem."""
 
 
 @dataclass
 class Tokens:
     """A packed run of tokens of mixed kinds, in sequence order."""
 
-    kind: torch.Tensor  # (N,) long, one of TEXT / AUDIO_IN / AUDIO_OUT / PATCH
+    kind: torch.Tensor  # (N,) long, one of TEXT / AUDIO_IN / AUDIO_OUT / PATCH / FEATURE
     text: torch.Tensor  # (N,) long, token id where kind == TEXT, else 0
     dmel: torch.Tensor  # (Na, frames_per_token, n_mels) long bins of the audio tokens, in row order
-    patches: torch.Tensor  # (Np, 3, 40, 40) uint8 pixels of the patch tokens, in row order
-    grid: torch.Tensor  # (Np, 2) long (row, col) of each patch in its frame
+    patches: torch.Tensor  # (Np, 3, 40, 40) uint8 pixels of the PATCH tokens, in row order
+    grid: torch.Tensor  # (Np, 2) long (row, col) of each PATCH token in its frame
+    features: torch.Tensor  # (Nf, d_model) stem outputs of the FEATURE tokens, in row order; (0, 0) if none
 
     def __len__(self) -> int:
         return int(self.kind.shape[0])
@@ -56,13 +57,14 @@ class Tokens:
     def empty(frames_per_token: int, n_mels: int) -> Tokens:
         return Tokens(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                       torch.zeros(0, frames_per_token, n_mels, dtype=torch.long),
-                      torch.zeros(0, 3, 40, 40, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long))
+                      torch.zeros(0, 3, 40, 40, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long),
+                      torch.zeros(0, 0))
 
     @staticmethod
     def of_text(ids: list[int], frames_per_token: int, n_mels: int) -> Tokens:
         e = Tokens.empty(frames_per_token, n_mels)
         ids_t = torch.tensor(ids, dtype=torch.long)
-        return Tokens(torch.full_like(ids_t, TEXT), ids_t, e.dmel, e.patches, e.grid)
+        return Tokens(torch.full_like(ids_t, TEXT), ids_t, e.dmel, e.patches, e.grid, e.features)
 
     @staticmethod
     def of_audio(bins: torch.Tensor, frames_per_token: int, kind: int) -> Tokens:
@@ -71,33 +73,42 @@ class Tokens:
         n = grouped.shape[0]
         e = Tokens.empty(frames_per_token, bins.shape[-1])
         return Tokens(torch.full((n,), kind, dtype=torch.long), torch.zeros(n, dtype=torch.long), grouped,
-                      e.patches, e.grid)
+                      e.patches, e.grid, e.features)
 
     @staticmethod
     def of_patches(patches: torch.Tensor, grid: torch.Tensor, frames_per_token: int, n_mels: int) -> Tokens:
         e = Tokens.empty(frames_per_token, n_mels)
         n = patches.shape[0]
         return Tokens(torch.full((n,), PATCH, dtype=torch.long), torch.zeros(n, dtype=torch.long), e.dmel,
-                      patches, grid)
+                      patches, grid, e.features)
+
+    @staticmethod
+    def of_features(features: torch.Tensor, frames_per_token: int, n_mels: int) -> Tokens:
+        e = Tokens.empty(frames_per_token, n_mels)
+        n = features.shape[0]
+        return Tokens(torch.full((n,), FEATURE, dtype=torch.long), torch.zeros(n, dtype=torch.long), e.dmel,
+                      e.patches, e.grid, features.float())
 
     def to(self, device: torch.device) -> Tokens:
         return Tokens(self.kind.to(device), self.text.to(device), self.dmel.to(device),
-                      self.patches.to(device), self.grid.to(device))
+                      self.patches.to(device), self.grid.to(device), self.features.to(device))
 
     def rows(self, start: int, end: int) -> Tokens:
         """Rows ``[start, end)`` of this run."""
         audio = (self.kind == AUDIO_IN) | (self.kind == AUDIO_OUT)
-        patch = self.kind == PATCH
+        patch, feature = self.kind == PATCH, self.kind == FEATURE
         a0, a1 = int(audio[:start].sum()), int(audio[:end].sum())
         p0, p1 = int(patch[:start].sum()), int(patch[:end].sum())
+        f0, f1 = int(feature[:start].sum()), int(feature[:end].sum())
         return Tokens(self.kind[start:end], self.text[start:end], self.dmel[a0:a1], self.patches[p0:p1],
-                      self.grid[p0:p1])
+                      self.grid[p0:p1], self.features[f0:f1])
 
     @staticmethod
     def cat(parts: list[Tokens]) -> Tokens:
+        features = [p.features for p in parts if len(p.features)]
         return Tokens(torch.cat([p.kind for p in parts]), torch.cat([p.text for p in parts]),
                       torch.cat([p.dmel for p in parts]), torch.cat([p.patches for p in parts]),
-                      torch.cat([p.grid for p in parts]))
+                      torch.cat([p.grid for p in parts]), torch.cat(features) if features else parts[0].features)
 
 
 @dataclass
@@ -124,18 +135,14 @@ class TurnLayout:
     def n_model(self) -> int:
         return 1 + self.text_out + self.audio_tokens
 
-    def user_side(self, text_ids: list[int], patches: torch.Tensor | None, grid: torch.Tensor | None,
-                  audio_bins: torch.Tensor) -> Tokens:
-        """``text_in`` text slots (PAD-filled), ``video_slots`` patches (NO_VIDEO without a camera), then the
-        audio-in tokens of (frames, n_mels) bins."""
+    def user_side(self, text_ids: list[int], video: Tokens | None, audio_bins: torch.Tensor) -> Tokens:
+        """``text_in`` text slots (PAD-filled), the ``video_slots`` patch tokens (NO_VIDEO without a camera),
+        then the audio-in tokens of (frames, n_mels) bins."""
         if len(text_ids) > self.text_in:
             raise ValueError(f"at most {self.text_in} text tokens in a micro-turn, got {len(text_ids)}")
         text = text_ids + [tokenizer.PAD] * (self.text_in - len(text_ids))
-        if patches is None or grid is None:
-            no_video = [tokenizer.NO_VIDEO] * self.video_slots
-            video = Tokens.of_text(no_video, self.frames_per_token, self.n_mels)
-        else:
-            video = Tokens.of_patches(patches, grid, self.frames_per_token, self.n_mels)
+        if video is None:
+            video = Tokens.of_text([tokenizer.NO_VIDEO] * self.video_slots, self.frames_per_token, self.n_mels)
         return Tokens.cat([Tokens.of_text(text, self.frames_per_token, self.n_mels), video,
                            Tokens.of_audio(audio_bins, self.frames_per_token, AUDIO_IN)])
 

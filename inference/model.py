@@ -15,7 +15,7 @@ from torch import nn
 from inference.config import ModelConfig
 from inference.flow_head import FlowHead
 from inference.kv_cache import AttentionPlan
-from inference.layout import AUDIO_IN, AUDIO_OUT, PATCH, TEXT, Tokens
+from inference.layout import AUDIO_IN, AUDIO_OUT, FEATURE, PATCH, TEXT, Tokens
 from inference.moe import MoE, Routing
 from inference.video import PatchStem
 
@@ -142,6 +142,7 @@ class ReferenceNet(nn.Module):
         text_rows = (tokens.kind == TEXT).nonzero().squeeze(1)
         audio_rows = ((tokens.kind == AUDIO_IN) | (tokens.kind == AUDIO_OUT)).nonzero().squeeze(1)
         patch_rows = (tokens.kind == PATCH).nonzero().squeeze(1)
+        feature_rows = (tokens.kind == FEATURE).nonzero().squeeze(1)
         x = x.index_put((text_rows,), self.text_emb(tokens.text[text_rows]))
         if len(audio_rows):
             bins = self.bin_emb(tokens.dmel + self.channel_offset)  # (Na, G, M, e)
@@ -149,6 +150,8 @@ class ReferenceNet(nn.Module):
             x = x.index_put((audio_rows,), audio)
         if len(patch_rows):
             x = x.index_put((patch_rows,), self.stem(tokens.patches, tokens.grid))
+        if len(feature_rows):
+            x = x.index_put((feature_rows,), tokens.features)
         return x
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, list[Routing]]:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from inference import tokenizer
 from inference.checkpoint import load_checkpoint
+from inference.context import TurnRecord
 from inference.dmel import LOG_MIN, DMelStream, quantize
 from inference.kv_cache import AttentionPlan, KVPool
 from inference.layout import Tokens, TurnLayout
@@ -73,7 +74,6 @@ class Session:
 
     seed: int
     slot: int  # its rows in the KV pool
-    audio_context: torch.Tensor  # (624,) last input samples
     voice_context: torch.Tensor  # (vocoder_context, 80) last output log-mel frames
     voice_tail: torch.Tensor  # (SEAM,) last output samples, held back for the next cross-fade
     pending: Tokens  # the last micro-turn's model side, not yet in the cache
@@ -118,8 +118,8 @@ class ReferenceModel:
         if session_id in self.sessions:
             raise ValueError(f"session {session_id} is already open")
         silence = torch.full((self.cfg.vocoder_context, self.cfg.n_mels), LOG_MIN)
-        self.sessions[session_id] = Session(seed, self.pool.alloc(), DMelStream.initial_state(), silence,
-                                            torch.zeros(SEAM), self.layout.silent_model_side(),
+        self.sessions[session_id] = Session(seed, self.pool.alloc(), silence, torch.zeros(SEAM),
+                                            self.layout.silent_model_side(),
                                             trace=Trace() if self.record else None)
         self._slot_owner.append(session_id)
 
@@ -157,13 +157,14 @@ class ReferenceModel:
         sessions = [self.sessions[t.session_id] for t in turns]
         gens = [torch.Generator().manual_seed(turn_seed(s.seed, t.index))
                 for s, t in zip(sessions, turns, strict=True)]
-        audio = torch.from_numpy(np.stack([t.audio for t in turns]))
-        bins, contexts = self.features.step(audio, torch.stack([s.audio_context for s in sessions]))
-        runs = []
+        bins = self.features.step(torch.from_numpy(np.stack([t.audio for t in turns])))  # (B, 8, 80)
+        video = self._video(turns)
+        runs, texts = [], []
         for b, (s, t) in enumerate(zip(sessions, turns, strict=True)):
-            s.audio_context = contexts[b]
-            user = self.layout.user_side(self._take_text(s, t), *self._video(t), bins[b])
-            runs.append(Tokens.cat([s.pending, user]))
+            texts.append(self._take_text(s, t))
+            features = video[b]
+            frame = None if features is None else Tokens.of_features(features, cfg.frames_per_token, cfg.n_mels)
+            runs.append(Tokens.cat([s.pending, self.layout.user_side(texts[b][0], frame, bins[b])]))
 
         z = self._advance(sessions, runs)  # (B, d): trunk state at each session's last user-side token
         logits = [self.net.text_logits(z)]
@@ -185,7 +186,8 @@ class ReferenceModel:
         talkers = [b for b, talk in enumerate(speaking) if talk]
         if talkers:
             noise = torch.stack([torch.randn(frames * cfg.n_mels, generator=gens[b]) for b in talkers])
-            mel[talkers] = self.net.flow.sample(cond[talkers], noise.to(self.device), cfg.flow_steps).cpu()
+            generated = self.net.flow.sample(cond[talkers], noise.to(self.device), cfg.flow_steps)
+            mel[talkers] = generated.half().float().cpu()  # fp16 values, so the context record is exact
         out_bins = quantize(mel)
         wave = self._vocode(sessions, mel, talkers)
 
@@ -197,7 +199,10 @@ class ReferenceModel:
                 s.trace.sampled.append(torch.tensor([control[b], *caption[b]]))
                 s.trace.logits.append(torch.stack([step_logits[b] for step_logits in logits]).cpu())
                 s.trace.flow_cond.append(cond[b].cpu())
-            outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], s.captions.feed(caption[b])))
+            record = TurnRecord(t.index, texts[b][0], texts[b][1], video[b], bins[b], control[b], caption[b],
+                                mel[b] if speaking[b] else None)
+            outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], s.captions.feed(caption[b]),
+                                           context=record.encode()))
         return outputs
 
     def _advance(self, sessions: list[Session], runs: list[Tokens]) -> torch.Tensor:
@@ -214,10 +219,13 @@ class ReferenceModel:
         sub = logits[:, torch.tensor(allowed, device=logits.device)].float().cpu()  # (B, len(allowed))
         if self.cfg.temperature <= 0:
             return [allowed[int(i)] for i in sub.argmax(dim=-1)]
-        probs = F.softmax(sub / self.cfg.temperature, dim=-1)
-        return [allowed[int(torch.multinomial(p, 1, generator=g))] for p, g in zip(probs, gens, strict=True)]
+        cdf = F.softmax(sub / self.cfg.temperature, dim=-1).cumsum(dim=-1)
+        draws = torch.stack([torch.rand((), generator=g) for g in gens])  # one uniform per session
+        picked = (cdf < draws[:, None]).sum(dim=-1).clamp_max(len(allowed) - 1)  # inverse CDF
+        return [allowed[int(i)] for i in picked]
 
-    def _take_text(self, s: Session, turn: MicroTurn) -> list[int]:
+    def _take_text(self, s: Session, turn: MicroTurn) -> tuple[list[int], list[int]]:
+        """The ids this micro-turn's text slots carry, and the ids that joined the session's queue."""
         new: list[int] = []
         for text in turn.text:
             new += tokenizer.encode(text, tokenizer.USER)
@@ -226,20 +234,33 @@ class ReferenceModel:
                 new += tokenizer.encode(str(event.data.get("text", "")), tokenizer.TOOL)
             else:
                 new += tokenizer.encode(event.name, tokenizer.EVENT)
-        room = MAX_TEXT_BACKLOG - len(s.text_backlog)
+        room = max(0, MAX_TEXT_BACKLOG - len(s.text_backlog))
         if len(new) > room:
             log.warning("session %s: text backlog full, dropping %d tokens", turn.session_id, len(new) - room)
-        s.text_backlog.extend(new[:max(0, room)])
-        n = min(self.cfg.text_in, len(s.text_backlog))
-        return [s.text_backlog.popleft() for _ in range(n)]
+        return self._consume_text(s, new[:room]), new[:room]
 
-    def _video(self, turn: MicroTurn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """This micro-turn's patches of its camera frame and their grid places (None without a camera)."""
-        if turn.video is None:
-            return None, None
-        frame = self._fit_frame(turn.video)
-        which = self.layout.video_patches(turn.index, self.cfg.patches)
-        return to_patches(frame)[which], patch_grid(frame)[which]
+    def _consume_text(self, s: Session, new: list[int]) -> list[int]:
+        s.text_backlog.extend(new)
+        return [s.text_backlog.popleft() for _ in range(min(self.cfg.text_in, len(s.text_backlog)))]
+
+    def _video(self, turns: list[MicroTurn]) -> list[torch.Tensor | None]:
+        """Each micro-turn's video slots through the patch stem, (video_slots, d) fp16; None without a camera."""
+        picked = [b for b, t in enumerate(turns) if t.video is not None]
+        out: list[torch.Tensor | None] = [None] * len(turns)
+        if not picked:
+            return out
+        patches, grids = [], []
+        for b in picked:
+            video = turns[b].video
+            assert video is not None
+            frame = self._fit_frame(video)
+            which = self.layout.video_patches(turns[b].index, self.cfg.patches)
+            patches.append(to_patches(frame)[which])
+            grids.append(patch_grid(frame)[which])
+        features = self.net.stem(torch.cat(patches).to(self.device), torch.cat(grids).to(self.device))
+        for b, f in zip(picked, features.half().cpu().split(self.cfg.video_slots), strict=True):
+            out[b] = f
+        return out
 
     def _fit_frame(self, video: np.ndarray) -> np.ndarray:
         size = (self.cfg.video_height, self.cfg.video_width)
@@ -275,14 +296,57 @@ class ReferenceModel:
         s = self.sessions[session_id]
         if s.trace is None:
             raise ValueError("reprefill needs a model made with record=True")
-        c, chunk = self.cfg, 256
+        self._prefill(s.slot, Tokens.cat(s.trace.runs))
+
+    def _prefill(self, slot: int, history: Tokens, chunk: int = 256) -> None:
+        """Fill pool ``slot`` with the keys of a whole sequence, in long chunks through a scratch slot."""
+        c = self.cfg
         scratch = KVPool(c.n_layers, c.n_kv_heads, c.head_dim, c.n_sink, c.window, chunk, slots=1,
                          device=self.device)
         scratch.alloc()
-        history = Tokens.cat(s.trace.runs)
         with torch.inference_mode():
             for start in range(0, len(history), chunk):
                 part = history.rows(start, min(start + chunk, len(history))).to(self.device)
                 self.net(self.net.embed(part), AttentionPlan.cached(scratch, [0], [len(part)]))
-        self.pool.load(s.slot, scratch, 0)
+        self.pool.load(slot, scratch, 0)
+
+    def restore(self, session_id: str, seed: int, history: list[bytes]) -> None:
+        """Open a session rebuilt from the ``context`` records of all its micro-turns so far, in order."""
+        c = self.cfg
+        records = [TurnRecord.decode(data, c.text_out, c.frames_per_turn, c.n_mels, c.video_slots, c.d_model)
+                   for data in history]
+        self.open(session_id, seed)
+        s = self.sessions[session_id]
+        try:
+            runs, silence = [], torch.full((c.frames_per_turn, c.n_mels), LOG_MIN)
+            for r in records:
+                if self._consume_text(s, r.new_text) != r.text_slots:
+                    raise ValueError(f"context record {r.index} does not follow from the ones before it")
+                frame = None if r.video is None else Tokens.of_features(r.video, c.frames_per_token, c.n_mels)
+                runs.append(Tokens.cat([s.pending, self.layout.user_side(r.text_slots, frame, r.audio_bins)]))
+                mel = silence if r.mel is None else r.mel.float()
+                s.pending = self.layout.model_side(r.control, r.caption, quantize(mel))
+                s.captions.feed(r.caption)
+                if s.trace is not None:
+                    s.trace.runs.append(runs[-1])
+                    s.trace.sampled.append(torch.tensor([r.control, *r.caption]))
+            if runs:
+                self._prefill(s.slot, Tokens.cat(runs))
+            self._restore_voice(s, [silence if r.mel is None else r.mel.float() for r in records[-2:]],
+                                records[-1].mel is not None if records else False)
+        except Exception:
+            self.close(session_id)
+            raise
+
+    def _restore_voice(self, s: Session, mels: list[torch.Tensor], spoke: bool) -> None:
+        """The vocoder state after the last restored micro-turn: its last frames and its held-back tail."""
+        ctx, n = self.cfg.vocoder_context, MICRO_TURN_SAMPLES
+        if not mels:
+            return
+        previous = mels[-2][-ctx:] if len(mels) == 2 else torch.full((ctx, self.cfg.n_mels), LOG_MIN)
+        if spoke:
+            with torch.inference_mode():
+                audio = self.vocoder(torch.cat([previous, mels[-1]])[None])[0, -(ctx * self.cfg.hop + n):]
+            s.voice_tail = audio[-SEAM:].clone()
+        s.voice_context = mels[-1][-ctx:].clone()
 

@@ -118,8 +118,7 @@ def tone_task(layout: TurnLayout, batch: int, turns: int, generator: torch.Gener
     t = torch.arange(MICRO_TURN_SAMPLES) / SAMPLE_RATE
     waves = torch.stack([torch.zeros(MICRO_TURN_SAMPLES)] +
                         [0.3 * torch.sin(2 * torch.pi * f * t) for _, f in TONES])  # (1 + tones, 3200)
-    # each tone repeated, so the mel of a micro-turn is its steady-state mel (left context = the same tone)
-    mels = dmel.log_mel(waves.repeat(1, 2))[:, -(MICRO_TURN_SAMPLES // dmel.HOP):]  # (1 + tones, 8, 80)
+    mels = dmel.log_mel(waves)  # (1 + tones, 8, 80)
     bins = dmel.quantize(mels)
     sequences = []
     for _ in range(batch):
@@ -127,7 +126,7 @@ def tone_task(layout: TurnLayout, batch: int, turns: int, generator: torch.Gener
         examples = []
         for k in range(turns):
             prev = int(heard[k - 1]) if k else 0
-            user = layout.user_side([], None, None, bins[int(heard[k])])
+            user = layout.user_side([], None, bins[int(heard[k])])
             if prev:
                 caption = tokenizer.encode(TONES[prev - 1][0])[: layout.text_out]
                 caption += [tokenizer.PAD] * (layout.text_out - len(caption))

@@ -66,6 +66,6 @@ class GriffinLim:
         for _ in range(self.iters):
             rebuilt = self._stft(self._istft(mag * angles))
             angles = rebuilt - (self.momentum / (1 + self.momentum)) * previous
-            angles = angles / (angles.abs() + 1e-8)
+            angles = torch.sgn(angles)  # unit phasors
             previous = rebuilt
         return self._istft(mag * angles).clamp(-1.0, 1.0)

@@ -1,5 +1,5 @@
 """dMel: the quantiser matches the spec on known values, the filterbank spans 80–7600 Hz, streaming features
-equal offline ones and never look past their micro-turn, and mel → Griffin-Lim → mel of espeak-ng speech
+equal offline ones and depend on their own micro-turn only, and mel → Griffin-Lim → mel of espeak-ng speech
 stays close."""
 
 from __future__ import annotations
@@ -41,18 +41,21 @@ def test_filterbank_spans_80_to_7600_hz_and_finds_a_tone() -> None:
     assert dmel.log_mel(torch.zeros(1, 3200)).eq(dmel.LOG_MIN).all()  # silence is the floor: bin 0
 
 
-def test_streaming_equals_offline_and_is_causal() -> None:
+def test_streaming_equals_offline_and_depends_on_its_micro_turn_only() -> None:
     torch.manual_seed(0)
     audio = 0.3 * torch.randn(2, 5 * 3200)
     offline = dmel.quantize(dmel.log_mel(audio))  # (2, 40, 80)
-    stream, state = dmel.DMelStream(), torch.zeros(2, dmel.CONTEXT)
+    stream = dmel.DMelStream()
     for k in range(5):
-        bins, state = stream.step(audio[:, k * 3200:(k + 1) * 3200], state)
+        bins = stream.step(audio[:, k * 3200:(k + 1) * 3200])
         assert bins.shape == (2, 8, 80)
         assert torch.equal(bins, offline[:, k * 8:(k + 1) * 8])
-    changed = audio.clone()
-    changed[:, 2 * 3200:] = 0.9  # everything after micro-turn 1
-    assert torch.equal(dmel.log_mel(changed)[:, :16], dmel.log_mel(audio)[:, :16])
+    later = audio.clone()
+    later[:, 2 * 3200:] = 0.9  # everything after micro-turn 1 ...
+    assert torch.equal(dmel.log_mel(later)[:, :16], dmel.log_mel(audio)[:, :16])  # ... changes nothing before
+    earlier = audio.clone()
+    earlier[:, :3200] = 0.0  # micro-turn 0 ...
+    assert torch.equal(dmel.log_mel(earlier)[:, 8:], dmel.log_mel(audio)[:, 8:])  # ... changes nothing after it
 
 
 def _espeak(text: str, path: Path) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from inference import tokenizer
 from inference.engine import Engine
+from inference.layout import FEATURE
 from inference.reference import MAX_TEXT_BACKLOG, SEAM, ReferenceModel
 from microturn.contracts import MICRO_TURN_SAMPLES, ControlEvent, MicroTurn, MicroTurnOutput
 from tests._reference_helpers import make_net, make_turn, run, small_config
@@ -93,8 +94,10 @@ def test_video_scans_the_frame_and_odd_sizes_are_fitted() -> None:
         model.step([MicroTurn("s", k, np.zeros(3200, np.float32), video)])
     trace = model.sessions["s"].trace
     assert trace is not None
-    assert [len(run.patches) for run in trace.runs] == [2, 2, 2, 0, 2]
-    assert [run.grid.tolist() for run in trace.runs[:2]] == [[[0, 0], [0, 1]], [[0, 2], [0, 3]]]
+    assert [int((run.kind == FEATURE).sum()) for run in trace.runs] == [2, 2, 2, 0, 2]
+    assert not torch.equal(trace.runs[0].features, trace.runs[1].features)  # the next patches of the frame
+    assert model.layout.video_patches(1, 12).tolist() == [2, 3]
+    assert model.layout.video_patches(6, 12).tolist() == [0, 1]
 
 
 def test_close_frees_the_slot_and_many_sessions_leave_nothing() -> None:
@@ -159,3 +162,36 @@ def test_long_session_state_stays_bounded() -> None:
     assert model.pool.k is k_before and model.pool.bytes_per_session == bytes_before  # nothing reallocated
     assert model.pool.length[session.slot] == 150 * model.cfg.turn_tokens  # positions keep counting
     assert session.trace is None
+
+
+def _turn(k: int, session_id: str = "s") -> MicroTurn:
+    return make_turn(session_id, k, video=k % 5 != 4, text=("hello there, model",) if k == 1 else (),
+                     events=(ControlEvent("background_result", {"text": "42"}),) if k == 6 else ())
+
+
+def test_restore_from_context_records_gives_the_same_outputs() -> None:
+    cfg = small_config()
+    original = ReferenceModel(make_net(cfg))
+    original.open("s", seed=9)
+    outs = [original.step([_turn(k)])[0] for k in range(16)]
+    assert all(0 < len(o.context) < 3000 for o in outs)
+    elsewhere = ReferenceModel(make_net(cfg))
+    elsewhere.restore("s", 9, [o.context for o in outs[:9]])  # longer than the window, text still queued
+    again = [elsewhere.step([_turn(k)])[0] for k in range(9, 16)]
+    assert [o.text for o in again] == [o.text for o in outs[9:]]
+    for x, y in zip(again, outs[9:], strict=True):
+        assert float(np.abs(x.audio - y.audio).mean()) < 1e-3
+
+
+def test_restore_refuses_bad_records_and_leaves_nothing_open() -> None:
+    cfg = small_config()
+    model = ReferenceModel(make_net(cfg))
+    model.open("a", seed=0)
+    records = [model.step([_turn(k, "a")])[0].context for k in range(3)]
+    with pytest.raises(ValueError):
+        model.restore("b", 0, [records[0], b"garbage" + records[1]])
+    with pytest.raises(ValueError, match="does not follow"):
+        model.restore("b", 0, [records[2]])  # its text slots need the queue of micro-turn 1
+    assert "b" not in model.sessions and model.pool.open_slots == 1
+    model.restore("c", 0, [])
+    assert model.step([make_turn("c", 0)])[0].index == 0
