@@ -21,6 +21,10 @@ class EchoModel:
     def open(self, session_id: str, seed: int) -> None:
         self.sessions.add(session_id)
 
+    def restore(self, session_id: str, seed: int, history: list[bytes]) -> None:
+        """Echo has no state beyond the current micro-turn: restoring is opening."""
+        self.open(session_id, seed)
+
     def close(self, session_id: str) -> None:
         self.sessions.discard(session_id)
 

@@ -81,11 +81,20 @@ class Engine:
             await self.close_session(sid)
         self._executor.shutdown(wait=True)
 
-    async def open_session(self, session_id: str, seed: int = 0) -> None:
+    async def open_session(self, session_id: str, seed: int = 0, history: list[bytes] | None = None) -> None:
+        """Open a session; with ``history`` (its micro-turns' context records) rebuild it where it left off."""
         if session_id in self._waiting:
             raise ValueError(f"session {session_id} is already open")
         self._waiting[session_id] = deque()
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.backend.open, session_id, seed)
+        loop = asyncio.get_running_loop()
+        try:
+            if history is None:
+                await loop.run_in_executor(self._executor, self.backend.open, session_id, seed)
+            else:
+                await loop.run_in_executor(self._executor, self.backend.restore, session_id, seed, history)
+        except BaseException:
+            self._waiting.pop(session_id, None)
+            raise
 
     async def close_session(self, session_id: str) -> None:
         waiting = self._waiting.pop(session_id, None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from microturn.contracts import ModelBackend
 
-MODELS = ("echo", "reference")
+MODELS = ("echo", "tally", "reference")
 
 
 def load_backend(name: str, checkpoint: Path | None = None, device: str = "cpu") -> ModelBackend:
@@ -15,6 +15,10 @@ def load_backend(name: str, checkpoint: Path | None = None, device: str = "cpu")
         from inference.echo import EchoModel
 
         return EchoModel()
+    if name == "tally":
+        from inference.tally import TallyModel
+
+        return TallyModel()
     if name == "reference":
         from inference.reference import ReferenceModel
 

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway with an in-process engine")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--model", choices=["echo", "reference"])
+    serve.add_argument("--model", choices=["echo", "tally", "reference"])
     serve.add_argument("--checkpoint", type=Path, help="checkpoint folder for --model reference")
     serve.add_argument("--device", help="torch device for the model (cpu, cuda)")
     serve.add_argument("--redis", help="redis://HOST:PORT/DB for session records (default: in memory)")
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     probe = sub.add_parser("probe", help="stream a WAV to a gateway like a browser and record the reply")
-    probe.add_argument("url", help="gateway base URL, e.g. http://127.0.0.1:8080")
+    probe.add_argument("url", nargs="+", help="gateway base URL(s), e.g. http://127.0.0.1:8080; with more than "
+                       "one, the session resumes on the next when its connection fails")
     probe.add_argument("--in", dest="inp", type=Path, required=True, help="input WAV (any rate and channels)")
     probe.add_argument("--out", type=Path, required=True, help="output WAV, time-aligned with the input")
     probe.add_argument("--video", type=Path, help="an image or video file to show on the camera")

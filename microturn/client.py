@@ -47,17 +47,19 @@ class SignalTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, signal: np.ndarray) -> None:
+    def __init__(self, signal: np.ndarray, start: float | None = None) -> None:
         super().__init__()
         self.signal = signal.astype(np.float32)
-        self.start: float | None = None
-        self._n = 0
+        self.start = start  # given: the same microphone, reattached (what it captured meanwhile is lost)
+        self._n = 0 if start is None else -1
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         if self.start is None:
             self.start = time.monotonic()
+        if self._n < 0:
+            self._n = int((time.monotonic() - self.start) * RATE) // FRAME
         due = self.start + (self._n + 1) * FRAME / RATE
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         chunk = self.signal[self._n * FRAME:(self._n + 1) * FRAME]
@@ -87,28 +89,42 @@ class StillCameraTrack(VideoStreamTrack):
 
 @dataclass
 class Received:
-    frames: list[tuple[float, int, np.ndarray]] = field(default_factory=list)  # (monotonic arrival, pts, mono)
+    # (monotonic arrival, pts, mono, connection number): pts restart with every connection
+    frames: list[tuple[float, int, np.ndarray, int]] = field(default_factory=list)
     messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (mic-clock arrival, message)
 
 
 class ProbeClient:
-    """One browser-like session against a gateway at ``base_url``."""
+    """One browser-like session against a gateway at ``base_url``.
+
+    With ``fallback_urls``, the client resumes the session on the next URL when its connection fails (no audio
+    for ``stall_s``) or the gateway asks it to move, like the widget does; ``resumes`` and ``resume_gaps`` (s,
+    last frame before the failure to the first frame after) say how it went.
+    """
 
     def __init__(self, base_url: str, signal: np.ndarray, picture: np.ndarray | None = None,
-                 loss: float = 0.0, seed: int = 0) -> None:
+                 loss: float = 0.0, seed: int = 0, fallback_urls: tuple[str, ...] = (), stall_s: float = 0.6) -> None:
         audio_level.install()
-        self.base_url = base_url.rstrip("/")
+        self.urls = [u.rstrip("/") for u in (base_url, *fallback_urls)]
+        self.base_url = self.urls[0]
+        self.signal = signal
+        self.picture = picture
         self.mic = SignalTrack(signal)
-        self.camera = StillCameraTrack(picture) if picture is not None else None
         self.loss = loss
+        self.stall_s = stall_s
         self.dropped_packets = 0
         self.session_id = ""
         self.token = ""
+        self.resume_token = ""
+        self.resumes = 0
+        self.resume_gaps: list[float] = []
         self.received = Received()
         self.errors: list[str] = []
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel = self.pc.createDataChannel("microturn")
         self.channel_open = asyncio.Event()
+        self._connection = 0
+        self._move = asyncio.Event()
         self._rng = random.Random(seed)
         self._tasks: list[asyncio.Task[Any]] = []
         self._http: aiohttp.ClientSession | None = None
@@ -128,10 +144,65 @@ class ProbeClient:
             body = await resp.json()
             if resp.status != 201:
                 raise RuntimeError(f"session refused: {resp.status} {body}")
-        self.session_id, self.token = body["session_id"], body["token"]
+        self._take_grant(body)
+        await self._negotiate()
+        if len(self.urls) > 1:
+            self._tasks.append(asyncio.ensure_future(self._keep_alive()))
+
+    def _take_grant(self, grant: dict[str, Any]) -> None:
+        self.session_id, self.token = grant["session_id"], grant["token"]
+        self.resume_token = grant.get("resume_token", "")
+
+    def last_turn(self) -> int:
+        """The last micro-turn whose caption or event arrived."""
+        return max((m["turn"] for _, m in self.received.messages if "turn" in m), default=-1)
+
+    async def resume(self) -> None:
+        """Move the session to the next gateway URL and connect there."""
+        assert self._http is not None
+        self.base_url = self.urls[(self.urls.index(self.base_url) + 1) % len(self.urls)]
+        async with self._http.post(f"{self.base_url}/v1/sessions/{self.session_id}/resume", json={
+                "last_turn": self.last_turn()}, headers={"Authorization": f"Bearer {self.resume_token}"}) as resp:
+            body = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"resume refused: {resp.status} {body}")
+        self._take_grant(body)
+        old = self.pc
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.channel = self.pc.createDataChannel("microturn")
+        self.channel_open = asyncio.Event()
+        self.mic = SignalTrack(self.signal, start=self.mic.start)
+        self._connection += 1
+        await old.close()
+        await self._negotiate()
+        self.resumes += 1
+
+    async def _keep_alive(self) -> None:
+        """Resume elsewhere when audio stalls or the gateway asks the session to move."""
+        while True:
+            await asyncio.sleep(0.1)
+            frames = self.received.frames
+            stalled = bool(frames) and time.monotonic() - frames[-1][0] > self.stall_s
+            if not (stalled or self._move.is_set()):
+                continue
+            self._move.clear()
+            last = frames[-1][0] if frames else time.monotonic()
+            count = len(frames)
+            try:
+                await self.resume()
+            except Exception as exc:  # try the next URL after a pause
+                self.errors.append(f"resume failed: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+                continue
+            while len(self.received.frames) == count:
+                await asyncio.sleep(0.01)
+            self.resume_gaps.append(self.received.frames[count][0] - last)
+
+    async def _negotiate(self) -> None:
+        assert self._http is not None
         self.pc.addTrack(self.mic)
-        if self.camera is not None:
-            self.pc.addTrack(self.camera)
+        if self.picture is not None:
+            self.pc.addTrack(StillCameraTrack(self.picture))
         self.pc.on("track", self._on_track)
         self.channel.on("open", self.channel_open.set)
         self.channel.on("message", self._on_message)
@@ -170,11 +241,13 @@ class ProbeClient:
             self._tasks.append(asyncio.ensure_future(self._record(track)))
 
     async def _record(self, track: MediaStreamTrack) -> None:
+        connection = self._connection
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
                 assert isinstance(frame, av.AudioFrame)
-                self.received.frames.append((time.monotonic(), int(frame.pts or 0), frame_to_mono(frame)))
+                self.received.frames.append((time.monotonic(), int(frame.pts or 0), frame_to_mono(frame),
+                                             connection))
 
     def _on_message(self, raw: str | bytes) -> None:
         try:
@@ -183,6 +256,8 @@ class ProbeClient:
             self.errors.append(f"unparseable message {raw!r:.80}")
             return
         self.received.messages.append((self.now(), message))
+        if message.get("type") == "reconnect":
+            self._move.set()
         if message.get("type") == "error":
             self.errors.append(f"{message.get('code')}: {message.get('message')}")
 
@@ -214,10 +289,12 @@ class ProbeClient:
         if not frames:
             return out
         start0 = self.mic.start or 0.0
-        offsets = np.array([arrival - start0 - pts / RATE for arrival, pts, _ in frames])
-        offset = float(np.quantile(offsets, 0.95))
-        for _, pts, pcm in frames:
-            start = int(round((pts / RATE + offset) * RATE))
+        by_connection: dict[int, list[float]] = {}
+        for arrival, pts, _, connection in frames:
+            by_connection.setdefault(connection, []).append(arrival - start0 - pts / RATE)
+        offsets = {c: float(np.quantile(v, 0.95)) for c, v in by_connection.items()}
+        for _, pts, pcm, connection in frames:
+            start = int(round((pts / RATE + offsets[connection]) * RATE))
             lo, hi = max(start, 0), min(start + len(pcm), len(out))
             if hi > lo:
                 out[lo:hi] = pcm[lo - start:hi - start]

@@ -28,6 +28,7 @@ class Settings:
     gateway_id: str = field(default_factory=lambda: "gw-" + secrets.token_hex(4))
     token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # HMAC key for session tokens
     token_ttl_s: int = 600  # how long a session token may be used to connect
+    resume_ttl_s: int = 3600  # how long a resume token stays valid (it is also replaced at every resume)
     ice_servers: tuple[str, ...] = ()  # e.g. stun:stun.example.org:3478; empty for loopback/LAN
     ice_host_addresses: tuple[str, ...] = ()  # host candidates to offer; empty: every interface but loopback
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed to call the API; empty: same origin only

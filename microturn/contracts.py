@@ -87,6 +87,7 @@ class MicroTurnOutput:
     audio: np.ndarray  # (≤3200,) float32, 16 kHz mono
     text: str = ""  # caption delta: what the model said (or wrote) in this micro-turn
     events: tuple[OutputEvent, ...] = ()
+    context: bytes = b""  # compact record of this micro-turn, enough to rebuild the session elsewhere (see restore)
 
 
 @dataclass
@@ -101,6 +102,8 @@ class SessionRecord:
     micro_turn: int = 0  # index of the last micro-turn dispatched, -1 before the first
     state: str = "new"  # new → connected → closed
     config: dict[str, Any] = field(default_factory=dict)
+    resume_hash: str = ""  # SHA-256 of the one resume token that may move the session now
+    seed: int = 0  # the model's per-session seed: a rebuilt session samples as the original did
 
 
 class ModelBackend(Protocol):
@@ -108,6 +111,11 @@ class ModelBackend(Protocol):
 
     All methods are called from the engine's tick thread only, never from the event loop, so a backend needs no locks.
     ``step`` gets at most one micro-turn per session and returns one output per micro-turn, in the same order.
+
+    Rebuilding a session elsewhere: every output carries ``context``, a compact, model-specific record of its
+    micro-turn (the model's input features and its own output tokens; never raw audio or video). ``restore`` opens
+    a session given the ``context`` records of all its micro-turns so far, in order, so that stepping it on gives
+    exactly the outputs the original session would have given.
     """
 
     name: str
@@ -115,5 +123,7 @@ class ModelBackend(Protocol):
     def open(self, session_id: str, seed: int) -> None: ...
 
     def step(self, turns: list[MicroTurn]) -> list[MicroTurnOutput]: ...
+
+    def restore(self, session_id: str, seed: int, history: list[bytes]) -> None: ...
 
     def close(self, session_id: str) -> None: ...

@@ -69,15 +69,17 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-async def run_probe(url: str, inp: Path, out: Path, video: Path | None = None,
+async def run_probe(urls: list[str], inp: Path, out: Path, video: Path | None = None,
                     texts: list[tuple[str, float]] | None = None, tail_s: float = 1.0, loss: float = 0.0,
                     ice_host: str | None = None) -> dict[str, Any]:
     """Run one probe session; returns ``session_id, micro_turns_sent, audio_in_seconds, audio_out_seconds,
-    first_output_ms, captions, errors`` (and ``dropped_packets`` when ``loss`` is set)."""
-    use_host_addresses([ice_host] if ice_host else (["127.0.0.1"] if is_loopback(url) else []))
+    first_output_ms, captions, errors, resumes, resume_gap_ms`` (and ``dropped_packets`` when ``loss`` is set).
+    With more than one URL, the session resumes on the next one whenever its connection fails."""
+    use_host_addresses([ice_host] if ice_host else (["127.0.0.1"] if is_loopback(urls[0]) else []))
     signal = read_audio(inp)
     seconds = len(signal) / RATE
-    client = ProbeClient(url, signal, picture=read_picture(video) if video else None, loss=loss)
+    client = ProbeClient(urls[0], signal, picture=read_picture(video) if video else None, loss=loss,
+                         fallback_urls=tuple(urls[1:]))
     errors: list[str] = []
     state: dict[str, Any] = {}
     try:
@@ -102,7 +104,12 @@ async def run_probe(url: str, inp: Path, out: Path, video: Path | None = None,
         "first_output_ms": first_sound_ms(recorded),
         "captions": [c["text"] for c in client.captions()],
         "errors": errors + client.errors,
+        "resumes": client.resumes,
+        "resume_gap_ms": [round(gap * 1000, 1) for gap in client.resume_gaps],
     }
+    captions = [c["turn"] for c in client.captions()]
+    if len(captions) != len(set(captions)):
+        result["errors"].append("a caption arrived twice")
     if loss:
         result["dropped_packets"] = client.dropped_packets
     return result

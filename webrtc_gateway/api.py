@@ -3,6 +3,7 @@
 ==========================================  =====================================================================
 ``POST /v1/sessions``                       create a session (``Authorization: Bearer API_KEY`` when keys are set)
 ``POST /v1/sessions/{id}/offer``            ``{"sdp", "type": "offer"}`` + ``Authorization: Bearer TOKEN`` → answer
+``POST /v1/sessions/{id}/resume``           ``{"last_turn": K}`` + ``Authorization: Bearer RESUME_TOKEN`` → new tokens
 ``GET /v1/sessions/{id}``                   the session's state and counters (token required)
 ``DELETE /v1/sessions/{id}``                end the session (token required)
 ``GET /livez``, ``GET /readyz``             health; ``/readyz`` is 503 while draining
@@ -23,7 +24,15 @@ from typing import Any
 from aiohttp import web
 
 from microturn.config import Settings
-from webrtc_gateway.gateway import AlreadyConnected, Draining, Gateway, GatewayFull, UnknownSession
+from webrtc_gateway.gateway import (
+    AlreadyConnected,
+    Draining,
+    Gateway,
+    GatewayFull,
+    Grant,
+    ResumeRefused,
+    UnknownSession,
+)
 from webrtc_gateway.session import OfferError
 from webrtc_gateway.store import StoreUnavailable
 from webrtc_gateway.tokens import TokenError
@@ -135,18 +144,47 @@ async def create_session(request: web.Request) -> web.Response:
     _check_api_key(request)
     await _json_body(request, 4096)
     try:
-        record, token = await gateway.create()
+        grant = await gateway.create()
     except GatewayFull as exc:
         return error(503, "gateway_full", str(exc), {"Retry-After": "5"})
+    return _grant_response(request, grant, 201)
+
+
+def _grant_response(request: web.Request, grant: Grant, status: int) -> web.Response:
     settings = request.app[SETTINGS]
+    sid = grant.record.session_id
     return web.json_response({
-        "session_id": record.session_id,
-        "token": token,
+        "session_id": sid,
+        "token": grant.token,
         "expires_in": settings.token_ttl_s,
+        "resume_token": grant.resume_token,
         "ice_servers": [{"urls": [url]} for url in settings.ice_servers],
-        "offer_url": f"/v1/sessions/{record.session_id}/offer",
+        "offer_url": f"/v1/sessions/{sid}/offer",
+        "resume_url": f"/v1/sessions/{sid}/resume",
         "micro_turn_ms": 200,
-    }, status=201)
+    }, status=status)
+
+
+@refusals
+async def resume_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        return error(401, "token_missing", "send the resume token as 'Authorization: Bearer RESUME_TOKEN'")
+    body = await _json_body(request, 4096)
+    last_turn = body.get("last_turn", -1)
+    if not isinstance(last_turn, int) or isinstance(last_turn, bool):
+        return error(400, "invalid_request", '"last_turn" must be the index of the last micro-turn received')
+    try:
+        grant = await request.app[GATEWAY].resume(session_id, header.removeprefix("Bearer ").strip(), last_turn)
+    except ResumeRefused as exc:
+        status = 403 if "another session" in str(exc) or "scope" in str(exc) else 401
+        return error(status, "resume_refused", str(exc))
+    except UnknownSession as exc:
+        return error(404, "unknown_session", str(exc))
+    except GatewayFull as exc:
+        return error(503, "gateway_full", str(exc), {"Retry-After": "5"})
+    return _grant_response(request, grant, 200)
 
 
 @refusals
@@ -220,6 +258,7 @@ async def readyz(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sessions", create_session)
     app.router.add_post("/v1/sessions/{session_id}/offer", offer)
+    app.router.add_post("/v1/sessions/{session_id}/resume", resume_session)
     app.router.add_get("/v1/sessions/{session_id}", session_state)
     app.router.add_delete("/v1/sessions/{session_id}", delete_session)
     app.router.add_route("OPTIONS", "/v1/{tail:.*}", livez)  # answered by the middleware

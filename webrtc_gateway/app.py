@@ -93,11 +93,13 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
             await gateway.expire_pending()
 
     expiry = asyncio.create_task(expire(), name="expire-pending-sessions")
+    gateway.log.start()
     yield
     expiry.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await expiry
     await gateway.close_all()
+    await gateway.log.stop()
     await store.close()
 
 

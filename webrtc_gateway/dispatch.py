@@ -29,6 +29,7 @@ class MicroTurnClock:
         self.video = video
         self.inbox = inbox
         self.grace_s = grace_s
+        self.base = 0  # index of the first live micro-turn (after a resume, the session's micro-turns go on)
         self.dispatched = 0
         self.late = 0
         self.levels_dbfs: deque[float] = deque(maxlen=300)  # input level of the last 60 s of micro-turns
@@ -56,8 +57,8 @@ class MicroTurnClock:
                     break
             late = not timeline.complete(turn)
             texts, events = self.inbox.take(turn)
-            micro_turn = MicroTurn(self.session_id, turn, timeline.take(), self.video.current(), texts, events,
-                                   late)
+            micro_turn = MicroTurn(self.session_id, self.base + turn, timeline.take(), self.video.current(), texts,
+                                   events, late)
             self.levels_dbfs.append(round(rms_dbfs(micro_turn.audio), 1))
             self.dispatched += 1
             self.late += late

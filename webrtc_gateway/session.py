@@ -19,22 +19,25 @@ import asyncio
 import contextlib
 import logging
 import time
-import zlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
 from inference.engine import Engine, SessionClosed
 from microturn.config import Settings
-from microturn.contracts import MICRO_TURN_MS, ControlEvent, MicroTurn, MicroTurnOutput
+from microturn.contracts import MICRO_TURN_MS, MICRO_TURN_SAMPLES, ControlEvent, MicroTurn, MicroTurnOutput
 from webrtc_gateway import messages
+from webrtc_gateway.conversation_log import ConversationLog
 from webrtc_gateway.dispatch import MicroTurnClock
 from webrtc_gateway.ingest import AudioIngest, Inbox, VideoIngest
 from webrtc_gateway.jitter import use_pass_through
 from webrtc_gateway.playout import PlayoutTrack
+from webrtc_gateway.store import LogEntry
 from webrtc_gateway.timeline import InputTimeline, MediaClock
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,22 @@ class OfferError(Exception):
     """The browser's offer cannot be accepted; the message says why."""
 
 
+@dataclass
+class ResumePlan:
+    """How a session that moved here picks up where it was.
+
+    The engine rebuilds the model's context from ``history`` (the context records of micro-turns ``0 …
+    first_turn − 1``). The time the session was away is represented as ``gap_turns`` silent micro-turns, stepped
+    (and logged) before live input resumes, so live micro-turn indices go on from ``first_turn + gap_turns``.
+    ``missed`` are captions and events the old gateway produced and logged but may not have delivered.
+    """
+
+    history: list[bytes]
+    first_turn: int
+    gap_turns: int
+    missed: list[dict[str, Any]]
+
+
 def ice_configuration(settings: Settings) -> RTCConfiguration:
     return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in settings.ice_servers])
 
@@ -51,11 +70,14 @@ def ice_configuration(settings: Settings) -> RTCConfiguration:
 class GatewaySession:
     """Peer connection, ingest, micro-turn clock, playout and data channel of one session."""
 
-    def __init__(self, session_id: str, settings: Settings, engine: Engine,
+    def __init__(self, session_id: str, seed: int, settings: Settings, engine: Engine, log: ConversationLog,
                  on_closed: Callable[[GatewaySession], Awaitable[None]]) -> None:
         self.session_id = session_id
+        self.seed = seed
         self.settings = settings
         self.engine = engine
+        self.log = log
+        self.keep_state = True  # whether closing leaves the session's state for a resume
         self.created = time.monotonic()
         self.pc = RTCPeerConnection(ice_configuration(settings))
         self.timeline = InputTimeline()
@@ -77,11 +99,12 @@ class GatewaySession:
         self._closing = False
         self._engine_open = False
         self._audio_seen = False
+        self._missed: list[dict[str, Any]] = []
 
     # -- setup ------------------------------------------------------------------------------------------------
 
-    async def accept(self, offer_sdp: str) -> str:
-        """Apply the browser's offer and return the answer SDP."""
+    async def accept(self, offer_sdp: str, plan: ResumePlan | None = None) -> str:
+        """Apply the browser's offer and return the answer SDP; with ``plan``, pick up a session that moved."""
         if "m=audio" not in offer_sdp:
             raise OfferError("the offer has no audio track; microturn needs the microphone")
         self.pc.on("track", self._on_track)
@@ -95,7 +118,10 @@ class GatewaySession:
         if not audio or audio[0].receiver.track is None:
             raise OfferError("the offer has no audio track the gateway can receive")
         self.pc.addTrack(self.playout)
-        await self.engine.open_session(self.session_id, seed=zlib.crc32(self.session_id.encode()))
+        if plan is None:
+            await self.engine.open_session(self.session_id, self.seed)
+        else:
+            await self._pick_up(plan)
         self._engine_open = True
         try:
             answer = await self.pc.createAnswer()
@@ -104,6 +130,15 @@ class GatewaySession:
         await self.pc.setLocalDescription(answer)
         self._spawn(self._watch_connect(), "connect-timeout")
         return str(self.pc.localDescription.sdp)
+
+    async def _pick_up(self, plan: ResumePlan) -> None:
+        await self.engine.open_session(self.session_id, self.seed, history=plan.history)
+        silence = np.zeros(MICRO_TURN_SAMPLES, np.float32)
+        for index in range(plan.first_turn, plan.first_turn + plan.gap_turns):
+            output = await self.engine.submit(MicroTurn(self.session_id, index, silence))
+            self.log.add(LogEntry(self.session_id, index, output.context))
+        self.clock.base = plan.first_turn + plan.gap_turns
+        self._missed = plan.missed
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)
@@ -137,16 +172,25 @@ class GatewaySession:
             return
         self.channel = channel
         channel.on("message", self._on_message)
-        self._send({"type": "session", "session_id": self.session_id, "micro_turn_ms": MICRO_TURN_MS})
+        channel.on("open", self._greet)
+        if channel.readyState == "open":
+            self._greet()
+
+    def _greet(self) -> None:
+        self._send({"type": "session", "session_id": self.session_id, "micro_turn_ms": MICRO_TURN_MS,
+                    "first_turn": self.clock.base})
+        for message in self._missed:  # produced before the move, perhaps never delivered
+            self._send(message)
+        self._missed = []
 
     async def _on_connection_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
-            await self.close(f"connection {self.pc.connectionState}")
+            await self.close(f"connection {self.pc.connectionState}", keep_state=True)
 
     async def _watch_connect(self) -> None:
         await asyncio.sleep(self.settings.connect_timeout_s)
         if self.pc.connectionState != "connected":
-            await self.close("peer never connected")
+            await self.close("peer never connected", keep_state=True)
 
     async def _watch_idle(self) -> None:
         while True:
@@ -154,7 +198,7 @@ class GatewaySession:
             frames = self.audio.frames
             await asyncio.sleep(self.settings.idle_timeout_s)
             if self.audio.frames == frames:
-                await self.close("no audio received")
+                await self.close("no audio received", keep_state=True)
                 return
 
     # -- the micro-turn path ----------------------------------------------------------------------------------
@@ -170,11 +214,14 @@ class GatewaySession:
             except SessionClosed:
                 return
             self.playout.push(output.audio)
+            sent = []
             if output.text:
                 self.captions_sent += 1
-                self._send({"type": "caption", "turn": output.index, "text": output.text})
-            for event in output.events:
-                self._send({"type": "event", "turn": output.index, "name": event.name, "data": event.data})
+                sent.append({"type": "caption", "turn": output.index, "text": output.text})
+            sent.extend({"type": "event", "turn": output.index, "name": e.name, "data": e.data} for e in output.events)
+            for message in sent:
+                self._send(message)
+            self.log.add(LogEntry(self.session_id, output.index, output.context, sent))
 
     def _on_message(self, raw: str | bytes) -> None:
         self.messages_received += 1
@@ -205,11 +252,16 @@ class GatewaySession:
 
     # -- teardown ---------------------------------------------------------------------------------------------
 
-    async def close(self, reason: str) -> None:
-        """End the session and free everything it holds. Safe to call more than once."""
+    async def close(self, reason: str, keep_state: bool = True) -> None:
+        """End the session here and free everything it holds. Safe to call more than once.
+
+        ``keep_state`` leaves the session's state in the store, so the browser can resume it (here or on another
+        gateway); False (the browser hung up, or never connected) deletes it.
+        """
         if self._closing:
             return
         self._closing = True
+        self.keep_state = keep_state
         log.info("session %s closing: %s", self.session_id, reason)
         self.playout.stop_speaking()
         current = asyncio.current_task()

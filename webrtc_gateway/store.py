@@ -1,15 +1,28 @@
-"""Where session records live: in memory (the embedded default) or in Redis (``--redis URL``).
+"""Session state: in memory (the embedded default) or in Redis (``--redis URL``).
 
-Redis keys share the ``{sid}`` hash tag so that everything of one session lands on one Redis Cluster slot:
-``microturn:{sid}:record`` is a hash of the :class:`~microturn.contracts.SessionRecord` fields (``config`` as JSON),
-with a TTL refreshed on every write.
+Per session, three Redis keys share the ``{sid}`` hash tag, so that everything of one session lands on one Redis
+Cluster slot and one Lua script may touch them all:
+
+=================================  =====================================================================================
+``microturn:{sid}:record``         hash: the :class:`~microturn.contracts.SessionRecord` fields (``config`` as JSON)
+``microturn:{sid}:log``            stream, one entry per micro-turn: ``turn`` and ``ctx``, the engine's context record
+                                   (model input features and the model's own output tokens — never raw media; ``echo``:
+                                   empty, ``tally``: 1 byte + typed text, ``reference``: see inference/README.md)
+``microturn:{sid}:events``         stream: ``turn`` and ``msg``, every caption and event sent to the browser, as JSON
+=================================  =====================================================================================
+
+All three expire ``ttl_s`` after the last write (the heartbeat of a live session is its micro-turns); a closed
+session's keys are deleted. Appends are fenced: a gateway writes only while the record names it as owner, so after a
+resume moved the session, the old owner's late writes are refused and tell it to let go.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Protocol
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
@@ -20,6 +33,16 @@ class StoreUnavailable(Exception):
     """The session store cannot be reached."""
 
 
+@dataclass
+class LogEntry:
+    """One micro-turn of one session, as written to the conversation log."""
+
+    session_id: str
+    turn: int
+    context: bytes
+    messages: list[dict[str, Any]] = field(default_factory=list)  # captions and events sent for this micro-turn
+
+
 class SessionStore(Protocol):
     async def put(self, record: SessionRecord) -> None: ...
 
@@ -27,14 +50,30 @@ class SessionStore(Protocol):
 
     async def delete(self, session_id: str) -> None: ...
 
+    async def append(self, owner: str, entries: list[LogEntry]) -> list[bool]:
+        """Write entries in one round trip; False for those refused because ``owner`` no longer owns the session."""
+        ...
+
+    async def history(self, session_id: str) -> tuple[list[tuple[int, bytes]], float | None]:
+        """The log: (turn, context) in order, and the wall time (unix s) of its last entry."""
+        ...
+
+    async def messages_after(self, session_id: str, turn: int) -> list[dict[str, Any]]: ...
+
+    async def claim(self, session_id: str, old_hash: str, new_hash: str, owner: str) -> bool:
+        """Atomically make ``owner`` the owner if the record's resume-token hash is ``old_hash``; rotate it."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class MemorySessionStore:
-    """Session records in this process; lost when it exits."""
+    """Session state in this process; lost when it exits."""
 
     def __init__(self) -> None:
         self._records: dict[str, SessionRecord] = {}
+        self._logs: dict[str, list[tuple[int, bytes, float]]] = {}
+        self._messages: dict[str, list[tuple[int, dict[str, Any]]]] = {}
 
     async def put(self, record: SessionRecord) -> None:
         self._records[record.session_id] = dataclasses.replace(record)
@@ -45,20 +84,78 @@ class MemorySessionStore:
 
     async def delete(self, session_id: str) -> None:
         self._records.pop(session_id, None)
+        self._logs.pop(session_id, None)
+        self._messages.pop(session_id, None)
+
+    async def append(self, owner: str, entries: list[LogEntry]) -> list[bool]:
+        accepted = []
+        for e in entries:
+            record = self._records.get(e.session_id)
+            ok = record is not None and record.owner == owner
+            if ok and record is not None:
+                self._logs.setdefault(e.session_id, []).append((e.turn, e.context, time.time()))
+                self._messages.setdefault(e.session_id, []).extend((e.turn, m) for m in e.messages)
+                record.micro_turn, record.last_seen = e.turn, time.time()
+            accepted.append(ok)
+        return accepted
+
+    async def history(self, session_id: str) -> tuple[list[tuple[int, bytes]], float | None]:
+        log = self._logs.get(session_id, [])
+        return [(t, c) for t, c, _ in log], (log[-1][2] if log else None)
+
+    async def messages_after(self, session_id: str, turn: int) -> list[dict[str, Any]]:
+        return [m for t, m in self._messages.get(session_id, []) if t > turn]
+
+    async def claim(self, session_id: str, old_hash: str, new_hash: str, owner: str) -> bool:
+        record = self._records.get(session_id)
+        if record is None or record.resume_hash != old_hash:
+            return False
+        record.owner, record.resume_hash = owner, new_hash
+        return True
 
     async def close(self) -> None:
         self._records.clear()
+        self._logs.clear()
+        self._messages.clear()
 
 
 def record_key(session_id: str) -> str:
     return f"microturn:{{{session_id}}}:record"
 
 
+def log_key(session_id: str) -> str:
+    return f"microturn:{{{session_id}}}:log"
+
+
+def events_key(session_id: str) -> str:
+    return f"microturn:{{{session_id}}}:events"
+
+
+# KEYS: record, log, events. ARGV: owner, turn, context, now, ttl, message JSON…
+_APPEND = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], '*', 'turn', ARGV[2], 'ctx', ARGV[3])
+for i = 6, #ARGV do redis.call('XADD', KEYS[3], '*', 'turn', ARGV[2], 'msg', ARGV[i]) end
+redis.call('HSET', KEYS[1], 'micro_turn', ARGV[2], 'last_seen', ARGV[4])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+return 1
+"""
+
+# KEYS: record. ARGV: old hash, new hash, owner, now.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'resume_hash') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'resume_hash', ARGV[2], 'owner', ARGV[3], 'last_seen', ARGV[4])
+return 1
+"""
+
+
 class RedisSessionStore:
-    """Session records in Redis, expiring ``ttl_s`` after their last write."""
+    """Session state in Redis, expiring ``ttl_s`` after the last write."""
 
     def __init__(self, url: str, ttl_s: int = 3600) -> None:
         self._redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._append = self._redis.register_script(_APPEND)
+        self._claim = self._redis.register_script(_CLAIM)
         self.ttl_s = ttl_s
 
     async def put(self, record: SessionRecord) -> None:
@@ -84,12 +181,49 @@ class RedisSessionStore:
         return SessionRecord(
             session_id=f["session_id"], owner=f["owner"], model=f["model"], created=float(f["created"]),
             last_seen=float(f["last_seen"]), micro_turn=int(f["micro_turn"]), state=f["state"],
-            config=json.loads(f["config"]),
+            config=json.loads(f["config"]), resume_hash=f.get("resume_hash", ""), seed=int(f.get("seed", 0)),
         )
 
     async def delete(self, session_id: str) -> None:
         try:
-            await self._redis.delete(record_key(session_id))
+            await self._redis.delete(record_key(session_id), log_key(session_id), events_key(session_id))
+        except aioredis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def append(self, owner: str, entries: list[LogEntry]) -> list[bool]:
+        now = str(time.time())
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for e in entries:
+                    keys = [record_key(e.session_id), log_key(e.session_id), events_key(e.session_id)]
+                    args: list[bytes | str | int] = [owner, e.turn, e.context, now, self.ttl_s,
+                                                     *(json.dumps(m) for m in e.messages)]
+                    await self._append(keys=keys, args=args, client=pipe)
+                results = await pipe.execute()
+        except aioredis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [bool(r) for r in results]
+
+    async def history(self, session_id: str) -> tuple[list[tuple[int, bytes]], float | None]:
+        try:
+            entries: list[Any] = await self._redis.xrange(log_key(session_id)) or []
+        except aioredis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        log = [(int(fields[b"turn"]), bytes(fields[b"ctx"])) for _, fields in entries]
+        last = int(_text(entries[-1][0]).split("-")[0]) / 1000 if entries else None
+        return log, last
+
+    async def messages_after(self, session_id: str, turn: int) -> list[dict[str, Any]]:
+        try:
+            entries: list[Any] = await self._redis.xrange(events_key(session_id)) or []
+        except aioredis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [json.loads(fields[b"msg"]) for _, fields in entries if int(fields[b"turn"]) > turn]
+
+    async def claim(self, session_id: str, old_hash: str, new_hash: str, owner: str) -> bool:
+        try:
+            return bool(await self._claim(keys=[record_key(session_id)],
+                                          args=[old_hash, new_hash, owner, str(time.time())]))
         except aioredis.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
