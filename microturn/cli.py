@@ -51,7 +51,11 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "gateway":
+    if args.what == "failover":
+        from microturn.bench_failover import bench_failover
+
+        result = bench_failover(trials=args.trials)
+    elif args.what == "gateway":
         from microturn.bench_gateway import bench_gateway
 
         result = bench_gateway(sessions=args.sessions, seconds=args.seconds, video=args.video,
@@ -107,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.set_defaults(func=_probe)
 
     bench = sub.add_parser("bench", help="measure the gateway or the engine; prints JSON")
-    bench.add_argument("what", choices=["gateway", "engine"])
+    bench.add_argument("what", choices=["gateway", "engine", "failover"])
+    bench.add_argument("--trials", type=int, default=20, help="failover: kill-and-resume trials")
     bench.add_argument("--sessions", type=int, default=1)
     bench.add_argument("--seconds", type=float, default=20.0)
     bench.add_argument("--video", action="store_true", help="gateway: clients also send video")

@@ -229,3 +229,13 @@ async def test_redis_restart_and_outage_lose_nothing(aof_redis: tuple[str, Path,
         gateway.proc.wait(10)
         redis_proc.terminate()
         redis_proc.wait(10)
+
+
+def test_bench_failover_reports_every_field() -> None:
+    from microturn.bench_failover import bench_failover
+
+    result = bench_failover(trials=2, talk_s=1.5, after_s=0.5)
+    assert result["trials"] == 2 and result["resumed"] == 2
+    assert result["lost_events"] == 0 and result["duplicate_events"] == 0
+    assert 0 < result["resume_gap_ms"]["p99"] < 2000
+    assert result["errors"] == []
