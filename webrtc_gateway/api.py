@@ -63,7 +63,9 @@ async def origin_and_errors(request: web.Request, handler: Handler) -> web.Strea
     cors = {}
     if origin is not None and request.path.startswith("/v1/"):
         if not _origin_allowed(request, settings):
-            return error(403, "origin_not_allowed", f"origin {origin} may not call this gateway")
+            # readable by the refused page, so that it can say why (the error carries no session data)
+            return error(403, "origin_not_allowed", f"origin {origin} may not call this gateway",
+                         {"Access-Control-Allow-Origin": origin, "Vary": "Origin"})
         cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
         if request.method == "OPTIONS":
             return web.Response(status=204, headers={
