@@ -4,7 +4,9 @@ text and flow losses clearly down, through the same modules the engine runs."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 from inference.config import preset
@@ -13,6 +15,16 @@ from inference.model import ReferenceNet
 from inference.train import compute_losses, tone_task, train_step
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Small matmuls run faster and far more predictably on one thread when the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_tone_task_losses_go_down() -> None:
     torch.manual_seed(0)
     cfg = dataclasses.replace(preset("tiny"), d_model=96, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4,
