@@ -39,7 +39,7 @@ from inference.dmel import LOG_MIN, DMelStream, quantize
 from inference.kv_cache import AttentionPlan, KVPool
 from inference.layout import Tokens, TurnLayout
 from inference.model import ReferenceNet
-from inference.video import patch_grid, to_patches
+from inference.video import patches_at
 from inference.vocoder import GriffinLim, Vocoder
 from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn, MicroTurnOutput
 
@@ -254,9 +254,9 @@ class ReferenceModel:
             video = turns[b].video
             assert video is not None
             frame = self._fit_frame(video)
-            which = self.layout.video_patches(turns[b].index, self.cfg.patches)
-            patches.append(to_patches(frame)[which])
-            grids.append(patch_grid(frame)[which])
+            pixels, places = patches_at(frame, self.layout.video_patches(turns[b].index, self.cfg.patches).tolist())
+            patches.append(pixels)
+            grids.append(places)
         features = self.net.stem(torch.cat(patches).to(self.device), torch.cat(grids).to(self.device))
         for b, f in zip(picked, features.half().cpu().split(self.cfg.video_slots), strict=True):
             out[b] = f

@@ -14,19 +14,13 @@ from torch import nn
 from microturn.contracts import PATCH
 
 
-def to_patches(frame: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB → (H/40 · W/40, 3, 40, 40) uint8, patches in row-major order."""
-    h, w, _ = frame.shape
-    t = torch.from_numpy(np.ascontiguousarray(frame))
-    t = t.view(h // PATCH, PATCH, w // PATCH, PATCH, 3)  # (R, 40, C, 40, 3)
-    return t.permute(0, 2, 4, 1, 3).reshape(-1, 3, PATCH, PATCH)
-
-
-def patch_grid(frame: np.ndarray) -> torch.Tensor:
-    """(row, col) of each patch of ``frame``: (P, 2) long."""
-    rows, cols = frame.shape[0] // PATCH, frame.shape[1] // PATCH
-    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    return torch.stack([r.reshape(-1), c.reshape(-1)], dim=1)
+def patches_at(frame: np.ndarray, which: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches number ``which`` (row-major) of an (H, W, 3) uint8 frame: (n, 3, 40, 40) uint8 pixels and their
+    (n, 2) (row, col) places."""
+    cols = frame.shape[1] // PATCH
+    places = [(i // cols, i % cols) for i in which]
+    pixels = np.stack([frame[r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH] for r, c in places])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.tensor(places, dtype=torch.long)
 
 
 class PatchStem(nn.Module):
