@@ -13,54 +13,31 @@ next trial. Counted per trial, against the conversation log in Redis:
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from typing import Any
 
 import numpy as np
 
 from microturn.client import RATE, ProbeClient
+from microturn.local import free_port, serve
 from webrtc_gateway.ice import use_host_addresses
 from webrtc_gateway.store import RedisSessionStore
 
 SECRET = "bench-failover-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(url)
-
-
 def _gateway(redis_url: str, port: int, name: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "microturn.cli", "serve", "--port", str(port), "--ice-host", "127.0.0.1",
-         "--model", "tally", "--redis", redis_url, "--token-secret", SECRET, "--log-level", "WARNING"],
-        env={**os.environ, "MICROTURN_GATEWAY_ID": name}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(f"http://127.0.0.1:{port}/livez")
-    return proc
+    return serve(port, "--model", "tally", "--redis", redis_url, "--token-secret", SECRET, gateway_id=name)
 
 
-def _voice(seconds: float) -> np.ndarray:
+def voice(seconds: float) -> np.ndarray:
+    """A tone that switches on and off at an uneven rhythm, so that micro-turn levels differ."""
     t = np.arange(int(seconds * RATE)) / RATE
     gate = (np.sin(2 * np.pi * 0.7 * t) + np.sin(2 * np.pi * 1.9 * t) > 0).astype(np.float32)
     return (0.3 * gate * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
@@ -68,7 +45,7 @@ def _voice(seconds: float) -> np.ndarray:
 
 async def _trial(redis_url: str, urls: list[str], victim: subprocess.Popen[bytes], talk_s: float,
                  after_s: float) -> dict[str, Any]:
-    client = ProbeClient(urls[0], _voice(talk_s + after_s + 1), fallback_urls=(urls[1],))
+    client = ProbeClient(urls[0], voice(talk_s + after_s + 1), fallback_urls=(urls[1],))
     try:
         await client.connect()
         await asyncio.sleep(max(0.0, talk_s - client.now()))
@@ -103,12 +80,12 @@ def bench_failover(trials: int = 20, talk_s: float = 2.0, after_s: float = 1.0) 
         raise RuntimeError("bench failover needs redis-server on PATH")
     use_host_addresses(["127.0.0.1"])
     workdir = tempfile.mkdtemp(prefix="microturn-failover-")
-    redis_port = _free_port()
+    redis_port = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no", "--dir", workdir],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     procs: list[subprocess.Popen[bytes]] = []
     results = []
     try:

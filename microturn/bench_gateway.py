@@ -16,7 +16,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 import urllib.request
 from typing import Any
 
@@ -24,17 +23,10 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from microturn.client import RATE, ProbeClient
+from microturn.local import free_port, serve
 from webrtc_gateway.ice import use_host_addresses
 
 MICRO_TURN_S = 0.2
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def impulse_train(seconds: float, rng: random.Random) -> tuple[np.ndarray, list[float]]:
@@ -107,31 +99,14 @@ def _metrics(url: str) -> dict[str, float]:
     return values
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the gateway exited during start-up")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("the gateway did not become ready")
-
-
 def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False, processes: int = 2,
                   model: str = "echo", checkpoint: str | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result. With a model other than echo there is no echo to time,
     so ``added_latency_ms`` is empty and the engine's own step and wait times tell the story."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "microturn.cli", "serve", "--port", str(port), "--model", model,
-         "--ice-host", "127.0.0.1", "--log-level", "WARNING", *(["--checkpoint", checkpoint] if checkpoint else [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = serve(port, "--model", model, *(["--checkpoint", checkpoint] if checkpoint else []))
     try:
-        _wait_ready(url, server)
         print(f"bench: {sessions} sessions × {seconds:.0f} s against {url}", file=sys.stderr, flush=True)
         before = _metrics(url)
         cpu0 = _cpu_seconds(server.pid)

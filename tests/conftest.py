@@ -15,14 +15,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from microturn.config import Settings
+from microturn.local import free_port
 from microturn.probe import read_audio
 from webrtc_gateway.app import create_app
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "loopback_settings", "start_gateway"]
 
 
 def loopback_settings(**changes: object) -> Settings:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-import urllib.request
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,24 +14,15 @@ import pytest
 
 from microturn.bench_gateway import bench_gateway
 from microturn.config import Settings
+from microturn.local import serve
 from tests.conftest import free_port
 
 
 @pytest.fixture
 def served() -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", "serve", "--port", str(port),
-                             "--ice-host", "127.0.0.1", "--log-level", "WARNING"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/livez", timeout=1):
-                break
-        except OSError:
-            time.sleep(0.2)
-    yield url
+    proc = serve(port)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
 

@@ -4,38 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
 
 import aiohttp
 import numpy as np
 
 from microturn.client import RATE, ProbeClient
+from microturn.local import serve
 from tests.conftest import free_port, loopback_settings, start_gateway
-
-
-def wait_live(url: str, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/livez", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 async def test_sigterm_drains_then_tells_live_sessions_to_move() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", "serve", "--port", str(port), "--ice-host",
-                             "127.0.0.1", "--drain-timeout", "2", "--log-level", "WARNING"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = await asyncio.to_thread(serve, port, "--drain-timeout", "2")
     client = ProbeClient(url, np.zeros(10 * RATE, np.float32))
     try:
-        await asyncio.to_thread(wait_live, url)
         await client.connect()
         await asyncio.sleep(0.5)
         proc.send_signal(signal.SIGTERM)

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
 from inference.tally import TallyModel
-from microturn.client import RATE, ProbeClient
+from microturn.bench_failover import voice
+from microturn.client import ProbeClient
+from microturn.local import serve
 from tests.conftest import free_port
 from webrtc_gateway.store import RedisSessionStore, record_key
 from webrtc_gateway.tokens import TokenSigner
@@ -39,21 +37,9 @@ class Gateway:
 
 def start_gateway(redis_url: str, gateway_id: str, *extra: str) -> Gateway:
     port = free_port()
-    env = {**os.environ, "MICROTURN_GATEWAY_ID": gateway_id}
-    proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", "serve", "--port", str(port), "--ice-host",
-                             "127.0.0.1", "--model", "tally", "--redis", redis_url, "--token-secret", SECRET,
-                             "--log-level", "WARNING", *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/livez", timeout=1):
-                return Gateway(url, gateway_id, proc)
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("gateway did not start")
+    proc = serve(port, "--model", "tally", "--redis", redis_url, "--token-secret", SECRET, *extra,
+                 gateway_id=gateway_id)
+    return Gateway(f"http://127.0.0.1:{port}", gateway_id, proc)
 
 
 @pytest.fixture
@@ -64,13 +50,6 @@ def gateways(redis_url: str) -> Iterator[tuple[Gateway, Gateway]]:
         if g.proc.poll() is None:
             g.proc.terminate()
             g.proc.wait(10)
-
-
-def voice(seconds: float) -> np.ndarray:
-    """A tone that switches on and off at an uneven rhythm, so micro-turn levels differ."""
-    t = np.arange(int(seconds * RATE)) / RATE
-    gate = (np.sin(2 * np.pi * 0.7 * t) + np.sin(2 * np.pi * 1.9 * t) > 0).astype(np.float32)
-    return (0.3 * gate * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
 
 
 async def expected_digests(redis_url: str, session_id: str) -> dict[int, str]:

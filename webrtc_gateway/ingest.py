@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import av
 import numpy as np
@@ -26,6 +27,7 @@ from webrtc_gateway.timeline import InputTimeline, MediaClock
 log = logging.getLogger(__name__)
 
 INPUT_RATE = 48_000
+FrameT = TypeVar("FrameT", av.AudioFrame, av.VideoFrame)
 
 
 def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
@@ -39,6 +41,17 @@ def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
     if data.dtype == np.int16:
         mono = mono / 32768.0
     return mono.astype(np.float32)
+
+
+async def consume(track: MediaStreamTrack, kind: type[FrameT], feed: Callable[[FrameT], None]) -> None:
+    """Read a remote track until it ends, feeding every frame (an unread aiortc track's queue grows without bound)."""
+    try:
+        while True:
+            frame = await track.recv()
+            assert isinstance(frame, kind)
+            feed(frame)
+    except MediaStreamError:
+        log.debug("%s track ended", track.kind)
 
 
 class AudioIngest:
@@ -71,14 +84,7 @@ class AudioIngest:
         self.changed.set()
 
     async def run(self, track: MediaStreamTrack) -> None:
-        """Consume the track until it ends (an unread aiortc track's queue grows without bound)."""
-        try:
-            while True:
-                frame = await track.recv()
-                assert isinstance(frame, av.AudioFrame)
-                self.feed(frame)
-        except MediaStreamError:
-            log.debug("audio track ended")
+        await consume(track, av.AudioFrame, self.feed)
 
 
 class VideoIngest:
@@ -107,13 +113,7 @@ class VideoIngest:
         return self._converted[1]
 
     async def run(self, track: MediaStreamTrack) -> None:
-        try:
-            while True:
-                frame = await track.recv()
-                assert isinstance(frame, av.VideoFrame)
-                self.feed(frame)
-        except MediaStreamError:
-            log.debug("video track ended")
+        await consume(track, av.VideoFrame, self.feed)
 
 
 class Inbox:

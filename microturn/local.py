@@ -1,0 +1,48 @@
+"""Running microturn's own processes on this machine: free ports, starting a gateway, waiting for it.
+
+Used by the benchmarks and the tests, which start real gateway (and Redis) processes on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
+    """Wait until ``url`` answers; fail early if ``proc`` exits first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process serving {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def serve(port: int, *args: str, gateway_id: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``microturn serve`` on loopback (media too) and wait until it is live."""
+    env = {**os.environ, **({"MICROTURN_GATEWAY_ID": gateway_id} if gateway_id else {})}
+    proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", "serve", "--port", str(port),
+                             "--ice-host", "127.0.0.1", "--log-level", "WARNING", *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/livez", proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
