@@ -100,5 +100,8 @@ async def test_uplink_packet_loss_leaves_the_timeline_aligned(gateway: TestServe
     assert state["audio_gaps"] > 0
     overheads = [d - t - MICRO_TURN_S for t in times if (d := returned_at(out, t)) is not None]
     assert len(overheads) >= 6  # clicks whose packet was dropped are silence, the rest come back
-    assert np.ptp(overheads) < 0.025, overheads  # and at the same delay as without loss: no shift after gaps
+    # and at the same delay: had lost packets shifted the timeline, every click after them would come back later by
+    # the 20 ms of each lost packet (15 % of 250 packets: about 0.7 s by the end). The playout grid may move by whole
+    # frames (an underrun, then silence skipped), so two frames of spread are allowed.
+    assert np.ptp(overheads) < 0.045, overheads
     assert state["micro_turns"] >= 24

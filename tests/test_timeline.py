@@ -117,3 +117,15 @@ def test_inbox_places_text_in_the_micro_turn_it_arrived_in() -> None:
     assert inbox.take(1) == ((), ())
     assert inbox.take(2) == (("hello",), ())
     assert inbox.take(3) == (("late",), ())
+
+
+def test_media_clock_measures_jitter() -> None:
+    clock = MediaClock()
+    rng = np.random.default_rng(0)
+    for i in range(500):
+        clock.observe(i * 0.02, 50 + i * 0.02 + (0.08 if rng.random() < 0.2 else 0.0))  # a fifth arrive 80 ms late
+    assert abs(clock.jitter - 0.08) < 1e-6
+    steady = MediaClock()
+    for i in range(500):
+        steady.observe(i * 0.02, 50 + i * 0.02 + 0.003)
+    assert steady.jitter < 1e-6

@@ -1,7 +1,9 @@
 """The micro-turn clock: decides when each micro-turn of a session is due and hands it to the engine.
 
 Micro-turn ``k`` is due as soon as its 200 ms of audio is on the timeline, or at its deadline — the wall-clock time
-its media end maps to, plus a small grace for late packets — whichever comes first. At the deadline its missing
+its media end maps to, plus a grace for late packets — whichever comes first. The grace adapts to the jitter the
+session's packets show (its 95th percentile), never below the configured grace nor above ``max_grace_s``, so a
+jittery uplink costs some latency rather than cut-off audio. At the deadline its missing
 audio is silence and it is marked late. Once a session's first audio packet has anchored the media clock, the clock
 keeps dispatching even if audio stops: silence is an ordinary input.
 """
@@ -23,12 +25,13 @@ class MicroTurnClock:
     """Builds one session's micro-turns and passes each to ``submit`` the moment it is due."""
 
     def __init__(self, session_id: str, audio: AudioIngest, video: VideoIngest, inbox: Inbox,
-                 grace_s: float, now: Callable[[], float] = time.monotonic) -> None:
+                 grace_s: float, max_grace_s: float = 0.3, now: Callable[[], float] = time.monotonic) -> None:
         self.session_id = session_id
         self.audio = audio
         self.video = video
         self.inbox = inbox
         self.grace_s = grace_s
+        self.max_grace_s = max_grace_s
         self.base = 0  # index of the first live micro-turn (after a resume, the session's micro-turns go on)
         self.dispatched = 0
         self.late = 0
@@ -36,7 +39,9 @@ class MicroTurnClock:
         self._now = now
 
     def deadline(self, turn: int) -> float:
-        return self.audio.clock.wall_of(turn_end_seconds(turn)) + self.grace_s
+        clock = self.audio.clock
+        grace = min(self.max_grace_s, max(self.grace_s, clock.jitter + 0.02))
+        return clock.wall_of(turn_end_seconds(turn)) + grace
 
     async def run(self, submit: Callable[[MicroTurn], None]) -> None:
         timeline, changed = self.audio.timeline, self.audio.changed

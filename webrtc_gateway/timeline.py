@@ -12,6 +12,7 @@ be dispatched at its wall-clock deadline.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 
@@ -67,13 +68,17 @@ class MediaClock:
 
     Each arrival gives an offset ``wall - media``; the clock uses the smallest offset seen in the current and the
     previous window (the least-delayed packet), so jitter does not move deadlines and slow clock drift is followed.
+    How much later than that packets usually arrive is the jitter: :attr:`jitter` is the 95th percentile of the last
+    ``jitter_packets`` arrivals' lateness, which the micro-turn clock adds to its deadlines.
     """
 
-    def __init__(self, window_s: float = 10.0) -> None:
+    def __init__(self, window_s: float = 10.0, jitter_packets: int = 250) -> None:
         self.window_s = window_s
         self._current = math.inf
         self._previous = math.inf
         self._window_start: float | None = None
+        self._offsets: deque[float] = deque(maxlen=jitter_packets)
+        self._jitter: float | None = None
 
     @property
     def anchored(self) -> bool:
@@ -86,6 +91,16 @@ class MediaClock:
             self._previous, self._current = self._current, math.inf
             self._window_start = wall_s
         self._current = min(self._current, wall_s - media_s)
+        self._offsets.append(wall_s - media_s)
+        self._jitter = None
+
+    @property
+    def jitter(self) -> float:
+        """Lateness (s) that 95 % of recent packets stay within, relative to the least-delayed one."""
+        if self._jitter is None:
+            lateness = np.fromiter(self._offsets, float) - self.offset
+            self._jitter = float(np.quantile(lateness, 0.95)) if lateness.size else 0.0
+        return self._jitter
 
     @property
     def offset(self) -> float:
