@@ -41,7 +41,7 @@ from inference.layout import Tokens, TurnLayout
 from inference.model import ReferenceNet
 from inference.video import patches_at
 from inference.vocoder import GriffinLim, Vocoder
-from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn, MicroTurnOutput
+from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn, MicroTurnOutput, OutputEvent
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Session:
     pending: Tokens  # the last micro-turn's model side, not yet in the cache
     text_backlog: deque[int] = field(default_factory=deque)
     captions: tokenizer.CaptionDecoder = field(default_factory=tokenizer.CaptionDecoder)
+    requests: tokenizer.RequestSpans = field(default_factory=tokenizer.RequestSpans)  # background requests
     trace: Trace | None = None
 
 
@@ -201,7 +202,9 @@ class ReferenceModel:
                 s.trace.flow_cond.append(cond[b].cpu())
             record = TurnRecord(t.index, texts[b][0], texts[b][1], video[b], bins[b], control[b], caption[b],
                                 mel[b] if speaking[b] else None)
-            outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], s.captions.feed(caption[b]),
+            said, requests = s.requests.feed(s.captions.feed(caption[b]))  # a reserved span asks for a task
+            events = tuple(OutputEvent("background_request", {"request": r}) for r in requests)
+            outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], said, events,
                                            context=record.encode()))
         return outputs
 
@@ -229,6 +232,8 @@ class ReferenceModel:
         new: list[int] = []
         for text in turn.text:
             new += tokenizer.encode(text, tokenizer.USER)
+        for text in turn.background:  # the background input stream: results of background tasks
+            new += tokenizer.encode(text, tokenizer.TOOL)
         for event in turn.events:
             if event.name == "background_result":
                 new += tokenizer.encode(str(event.data.get("text", "")), tokenizer.TOOL)
@@ -326,7 +331,7 @@ class ReferenceModel:
                 runs.append(Tokens.cat([s.pending, self.layout.user_side(r.text_slots, frame, r.audio_bins)]))
                 mel = silence if r.mel is None else r.mel.float()
                 s.pending = self.layout.model_side(r.control, r.caption, quantize(mel))
-                s.captions.feed(r.caption)
+                s.requests.feed(s.captions.feed(r.caption))
                 if s.trace is not None:
                     s.trace.runs.append(runs[-1])
                     s.trace.sampled.append(torch.tensor([r.control, *r.caption]))

@@ -1,9 +1,10 @@
 """``tally``: a deterministic stateful diagnostic model, for showing that a session's context survives a move.
 
-Each micro-turn it folds what it heard — the input level quantised to whole dB, and any typed text — into a
-running digest of the whole conversation, and reports the digest in its caption (and as a short tone whose pitch
-the digest chooses). A session rebuilt elsewhere from its context records gives the same captions as one that never
-moved; one that lost or repeated a micro-turn does not. Its context record is the level byte plus the text: no audio.
+Each micro-turn it folds what it heard — the input level quantised to whole dB, any typed text and any background
+results — into a running digest of the whole conversation, and reports the digest in its caption (and as a short
+tone whose pitch the digest chooses). A session rebuilt elsewhere from its context records gives the same captions
+as one that never moved; one that lost or repeated a micro-turn does not. Its context record is the level byte plus
+the text and background results: no audio.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from microturn.contracts import MICRO_TURN_SAMPLES, SAMPLE_RATE, MicroTurn, Micr
 
 def _record(turn: MicroTurn) -> bytes:
     level = int(round(rms_dbfs(turn.audio))) + 128  # −100…0 dBFS → 28…128, one byte
-    return bytes([level]) + "\x1f".join(turn.text).encode()
+    record = bytes([level]) + "\x1f".join(turn.text).encode()
+    if turn.background:  # background results, after a record separator
+        record += ("\x1e" + "\x1f".join(turn.background)).encode()
+    return record
 
 
 class TallyModel:
@@ -54,6 +58,8 @@ class TallyModel:
             t = np.arange(MICRO_TURN_SAMPLES // 4) / SAMPLE_RATE
             audio = np.zeros(MICRO_TURN_SAMPLES, np.float32)
             audio[: len(t)] = 0.1 * np.sin(2 * np.pi * pitch * t)
-            outputs.append(MicroTurnOutput(turn.session_id, turn.index, audio, f"[{turn.index}] {digest.hex()}",
-                                           context=record))
+            caption = f"[{turn.index}] {digest.hex()}"
+            if turn.background:
+                caption += " · background: " + " | ".join(turn.background)
+            outputs.append(MicroTurnOutput(turn.session_id, turn.index, audio, caption, context=record))
         return outputs

@@ -42,6 +42,15 @@ class Settings:
     idle_timeout_s: float = 30.0  # a connected session whose media stops this long is closed
     connect_timeout_s: float = 30.0  # a session whose peer never connects is closed after this
     tick_budget_ms: float = 150.0  # a micro-turn slower than this from submit to output is reported late
+    background_reasoner: str = "builtin"  # builtin (tool agent) | openai (an OpenAI-compatible server)
+    background_documents: Path | None = None  # file or folder of .txt/.md the search tool indexes
+    background_http_allow: tuple[str, ...] = ()  # hosts (or host:port) the http_get tool may fetch
+    background_openai_url: str | None = None  # e.g. http://sglang:30000/v1
+    background_openai_key: str | None = field(default=None, repr=False)  # that server's key (from the environment)
+    background_openai_model: str = "default"
+    background_workers: int = 2  # background worker processes running at once, per gateway
+    background_max_tasks: int = 2  # background tasks a session may have queued or running at once
+    background_timeout_s: float = 60.0  # a background task running longer is stopped and fails
     log_level: str = "INFO"
 
     @classmethod

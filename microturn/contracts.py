@@ -48,6 +48,8 @@ class MicroTurn:
 
     ``audio`` holds samples ``[index * 3200, (index + 1) * 3200)`` of the session's input timeline; samples that never
     arrived are silence. ``late`` is set when the micro-turn was dispatched at its deadline rather than complete.
+    ``background`` is the session's background input stream: what its background tasks reported since the last
+    micro-turn, in order, each exactly once (see :mod:`inference.background`).
     """
 
     session_id: str
@@ -57,6 +59,7 @@ class MicroTurn:
     text: tuple[str, ...] = ()  # user text typed during this micro-turn
     events: tuple[ControlEvent, ...] = ()
     late: bool = False
+    background: tuple[str, ...] = ()  # background-model results (partial or final) woven into this micro-turn
 
     def __post_init__(self) -> None:
         if self.audio.shape != (MICRO_TURN_SAMPLES,) or self.audio.dtype != np.float32:

@@ -158,3 +158,35 @@ def test_task_items_and_transcript() -> None:
     assert transcript.text() == "model: Hello.\nuser: what is 6*7\nevent: background_result 42"
     transcript.user("x" * 50)
     assert transcript.text().endswith("x" * 50) and "model:" not in transcript.text()
+
+
+def test_request_spans_are_cut_out_of_the_caption_stream() -> None:
+    from inference.tokenizer import MAX_REQUEST_CHARS, REQUEST_CLOSE, REQUEST_OPEN, RequestSpans
+
+    spans = RequestSpans()
+    assert spans.feed("Let me ") == ("Let me ", [])
+    assert spans.feed(f"check.{REQUEST_OPEN}what ") == ("check.", [])
+    assert spans.feed("is 6*7") == ("", [])
+    assert spans.feed(f"{REQUEST_CLOSE} ok") == (" ok", ["what is 6*7"])
+    assert spans.feed(f"{REQUEST_OPEN} {REQUEST_CLOSE}") == ("", [])  # an empty span asks nothing
+    assert spans.feed(f"{REQUEST_OPEN}a{REQUEST_CLOSE}{REQUEST_OPEN}b{REQUEST_CLOSE}") == ("", ["a", "b"])
+    assert spans.feed(REQUEST_OPEN + "x" * (MAX_REQUEST_CHARS + 1) + "tail") == ("tail", [])
+
+
+def test_reference_model_reads_background_results_as_tool_text() -> None:
+    import dataclasses
+
+    from inference import tokenizer
+    from inference.reference import ReferenceModel
+    from tests._reference_helpers import make_net, make_turn, small_config
+
+    model = ReferenceModel(make_net(small_config()), record=True)
+    model.open("s", seed=1)
+    turn = dataclasses.replace(make_turn("s", 0, video=False), background=("42",))
+    model.step([turn])
+    trace = model.sessions["s"].trace
+    assert trace is not None
+    n_model = model.layout.n_model
+    slots = trace.runs[0].text[n_model:n_model + model.layout.text_in].tolist()
+    assert slots[:3] == [tokenizer.TOOL, ord("4"), ord("2")]
+    model.close("s")

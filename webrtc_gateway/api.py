@@ -6,6 +6,9 @@
 ``POST /v1/sessions/{id}/resume``           ``{"last_turn": K}`` + ``Authorization: Bearer RESUME_TOKEN`` → new tokens
 ``GET /v1/sessions/{id}``                   the session's state and counters (token required)
 ``DELETE /v1/sessions/{id}``                end the session (token required)
+``POST /v1/sessions/{id}/tasks``            ``{"request": "..."}`` start a background task (API key or token) → task
+``GET /v1/sessions/{id}/tasks``             the session's background tasks (API key or token)
+``DELETE /v1/sessions/{id}/tasks/{tid}``    cancel a background task (API key or token)
 ``GET /livez``, ``GET /readyz``             health; ``/readyz`` is 503 while draining
 ``GET /metrics``                            Prometheus text format
 ==========================================  =====================================================================
@@ -23,7 +26,9 @@ from typing import Any
 
 from aiohttp import web
 
+from inference.background.runner import TooManyTasks
 from microturn.config import Settings
+from webrtc_gateway.background import MAX_REQUEST_CHARS, TaskFinished, UnknownTask
 from webrtc_gateway.gateway import (
     AlreadyConnected,
     Draining,
@@ -33,7 +38,7 @@ from webrtc_gateway.gateway import (
     ResumeRefused,
     UnknownSession,
 )
-from webrtc_gateway.session import OfferError
+from webrtc_gateway.session import GatewaySession, OfferError
 from webrtc_gateway.store import StoreUnavailable
 from webrtc_gateway.tokens import TokenError
 
@@ -138,6 +143,62 @@ def _check_api_key(request: web.Request) -> None:
     if not any(hmac.compare_digest(given, key.encode()) for key in keys):
         raise _Refused(401, "api_key_invalid", "creating a session needs 'Authorization: Bearer API_KEY'; "
                        "call this from your backend, never from a browser")
+
+
+def _check_key_or_token(request: web.Request, session_id: str) -> None:
+    """An integrator's API key (as for creating sessions) or the session's own token."""
+    keys = request.app[SETTINGS].api_keys
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+    if keys and any(hmac.compare_digest(given, key.encode()) for key in keys):
+        return
+    if not keys and not given:
+        return  # dev mode, as for creating sessions
+    _check_token(request, session_id)
+
+
+def _live_session(request: web.Request, session_id: str) -> GatewaySession:
+    session = request.app[GATEWAY].live.get(session_id)
+    if session is None:
+        raise _Refused(404, "unknown_session", "no such connected session on this gateway")
+    return session
+
+
+@refusals
+async def start_task(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    _check_key_or_token(request, session_id)
+    body = await _json_body(request, 8192)
+    text = body.get("request")
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_REQUEST_CHARS:
+        return error(400, "invalid_request", f'send {{"request": "..."}} (1-{MAX_REQUEST_CHARS} characters)')
+    session = _live_session(request, session_id)
+    try:
+        task = session.background.start(text, "api")
+    except TooManyTasks as exc:
+        return error(429, "too_many_tasks", str(exc), {"Retry-After": "1"})
+    return web.json_response(task.public(), status=201)
+
+
+@refusals
+async def list_tasks(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    _check_key_or_token(request, session_id)
+    session = _live_session(request, session_id)
+    return web.json_response({"tasks": [t.public() for t in session.background.tasks.values()]})
+
+
+@refusals
+async def cancel_task(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    _check_key_or_token(request, session_id)
+    session = _live_session(request, session_id)
+    try:
+        task = await session.background.cancel(request.match_info["task_id"])
+    except UnknownTask as exc:
+        return error(404, "unknown_task", str(exc))
+    except TaskFinished as exc:
+        return error(409, "task_finished", str(exc))
+    return web.json_response(task.public())
 
 
 @refusals
@@ -263,6 +324,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sessions/{session_id}/resume", resume_session)
     app.router.add_get("/v1/sessions/{session_id}", session_state)
     app.router.add_delete("/v1/sessions/{session_id}", delete_session)
+    app.router.add_post("/v1/sessions/{session_id}/tasks", start_task)
+    app.router.add_get("/v1/sessions/{session_id}/tasks", list_tasks)
+    app.router.add_delete("/v1/sessions/{session_id}/tasks/{task_id}", cancel_task)
     app.router.add_route("OPTIONS", "/v1/{tail:.*}", livez)  # answered by the middleware
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)

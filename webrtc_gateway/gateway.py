@@ -13,9 +13,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from inference.background.reasoner import ReasonerSpec
+from inference.background.runner import BackgroundRunner
+from inference.background.tools import ToolConfig
 from inference.engine import Engine
 from microturn.config import Settings
 from microturn.contracts import MICRO_TURN_MS, SessionRecord
+from webrtc_gateway.background import SessionBackground
 from webrtc_gateway.conversation_log import ConversationLog
 from webrtc_gateway.session import GatewaySession, ResumePlan
 from webrtc_gateway.store import SessionStore
@@ -92,6 +96,9 @@ class Gateway:
         self.totals = Totals()
         self.draining = False
         self.log = ConversationLog(store, settings.gateway_id, self._moved)
+        self.runner = BackgroundRunner(reasoner_spec(settings), workers=settings.background_workers,
+                                       per_session=settings.background_max_tasks,
+                                       timeout_s=settings.background_timeout_s)
 
     @property
     def session_count(self) -> int:
@@ -154,8 +161,10 @@ class Gateway:
         gap = 0
         if last_time is not None:
             gap = min(MAX_GAP_TURNS, int((time.time() - last_time) * 1000 // MICRO_TURN_MS))
-        missed = await self.store.messages_after(session_id, last_turn_seen)
-        return ResumePlan([context for _, context in history], last_turn + 1, gap, missed)
+        said = await self.store.messages_after(session_id, -1)
+        missed = [m for m in said if int(m.get("turn", -1)) > last_turn_seen]
+        tasks, delivered = await self.store.tasks(session_id)
+        return ResumePlan([context for _, context in history], last_turn + 1, gap, missed, tasks, delivered, said)
 
     async def connect(self, session_id: str, offer_sdp: str) -> str:
         """Accept the browser's offer for a created session; returns the answer SDP."""
@@ -172,7 +181,8 @@ class Gateway:
         plan = None
         if pending.resume_from_turn is not None:
             plan = await self._resume_plan(session_id, pending.resume_from_turn)
-        session = GatewaySession(session_id, record.seed, self.settings, self.engine, self.log, self._closed)
+        session = GatewaySession(session_id, record.seed, self.settings, self.engine, self.log, self._closed,
+                                 SessionBackground(session_id, self.runner, self.store))
         self.live[session_id] = session
         try:
             answer = await session.accept(offer_sdp, plan)
@@ -230,3 +240,12 @@ class Gateway:
         await asyncio.gather(*(s.close("gateway shutting down", keep_state=True) for s in list(self.live.values())))
         for sid in list(self.pending):
             await self.end(sid, "gateway shutting down")
+        await self.runner.close()
+
+
+def reasoner_spec(settings: Settings) -> ReasonerSpec:
+    """The background model a gateway's workers run, from its settings."""
+    tools = ToolConfig(documents=settings.background_documents, http_allowlist=settings.background_http_allow)
+    return ReasonerSpec(settings.background_reasoner, tools, settings.background_openai_url,
+                        settings.background_openai_key, settings.background_openai_model,
+                        openai_timeout_s=settings.background_timeout_s)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,10 +29,12 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
+from inference.background.tasks import BackgroundItem, Task
 from inference.engine import Engine, SessionClosed
 from microturn.config import Settings
 from microturn.contracts import MICRO_TURN_MS, MICRO_TURN_SAMPLES, ControlEvent, MicroTurn, MicroTurnOutput
 from webrtc_gateway import messages
+from webrtc_gateway.background import SessionBackground
 from webrtc_gateway.conversation_log import ConversationLog
 from webrtc_gateway.dispatch import MicroTurnClock
 from webrtc_gateway.ingest import AudioIngest, Inbox, VideoIngest
@@ -55,12 +58,17 @@ class ResumePlan:
     first_turn − 1``). The time the session was away is represented as ``gap_turns`` silent micro-turns, stepped
     (and logged) before live input resumes, so live micro-turn indices go on from ``first_turn + gap_turns``.
     ``missed`` are captions and events the old gateway produced and logged but may not have delivered.
+    ``tasks`` are the session's background tasks and ``delivered`` how many items of each its context has had;
+    ``said`` is every caption and event logged so far (the conversation text a background task is given).
     """
 
     history: list[bytes]
     first_turn: int
     gap_turns: int
     missed: list[dict[str, Any]]
+    tasks: list[Task] = field(default_factory=list)
+    delivered: dict[str, int] = field(default_factory=dict)
+    said: list[dict[str, Any]] = field(default_factory=list)
 
 
 def ice_configuration(settings: Settings) -> RTCConfiguration:
@@ -71,8 +79,9 @@ class GatewaySession:
     """Peer connection, ingest, micro-turn clock, playout and data channel of one session."""
 
     def __init__(self, session_id: str, seed: int, settings: Settings, engine: Engine, log: ConversationLog,
-                 on_closed: Callable[[GatewaySession], Awaitable[None]]) -> None:
+                 on_closed: Callable[[GatewaySession], Awaitable[None]], background: SessionBackground) -> None:
         self.session_id = session_id
+        self.background = background
         self.seed = seed
         self.settings = settings
         self.engine = engine
@@ -100,6 +109,7 @@ class GatewaySession:
         self._engine_open = False
         self._audio_seen = False
         self._missed: list[dict[str, Any]] = []
+        self._woven: dict[int, list[BackgroundItem]] = {}  # micro-turn index → background items it carries
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -123,6 +133,7 @@ class GatewaySession:
         else:
             await self._pick_up(plan)
         self._engine_open = True
+        self._spawn(self.background.run_writer(), "background-writer")
         try:
             answer = await self.pc.createAnswer()
         except Exception as exc:
@@ -139,6 +150,9 @@ class GatewaySession:
             self.log.add(LogEntry(self.session_id, index, output.context))
         self.clock.base = plan.first_turn + plan.gap_turns
         self._missed = plan.missed
+        for message in plan.said:
+            self._note(message)
+        self.background.resume(plan.tasks, plan.delivered)
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)
@@ -204,6 +218,11 @@ class GatewaySession:
     # -- the micro-turn path ----------------------------------------------------------------------------------
 
     def _submit(self, turn: MicroTurn) -> None:
+        items = self.background.take()
+        if items:  # the background input stream: what tasks reported since the last micro-turn
+            self._woven[turn.index] = items
+            texts = tuple(text for item in items if (text := item.context_text()))
+            turn = dataclasses.replace(turn, background=turn.background + texts)
         self._outputs.put_nowait(self.engine.submit(turn))
 
     async def _egress(self) -> None:
@@ -219,9 +238,27 @@ class GatewaySession:
                 self.captions_sent += 1
                 sent.append({"type": "caption", "turn": output.index, "text": output.text})
             sent.extend({"type": "event", "turn": output.index, "name": e.name, "data": e.data} for e in output.events)
+            delivered = {}
+            for item in self._woven.pop(output.index, []):
+                sent.append({"type": "event", "turn": output.index, "name": item.event_name,
+                             "data": item.event_data()})
+                delivered[item.task_id] = item.seq + 1
             for message in sent:
                 self._send(message)
-            self.log.add(LogEntry(self.session_id, output.index, output.context, sent))
+                self._note(message)
+            self.log.add(LogEntry(self.session_id, output.index, output.context, sent, delivered))
+            for event in output.events:
+                if event.name == "background_request" and str(event.data.get("request", "")).strip():
+                    self.background.start_or_fail(str(event.data["request"]), "model")
+
+    def _note(self, message: dict[str, Any]) -> None:
+        """Add a caption or event to the conversation text background tasks are given."""
+        if message.get("type") == "caption":
+            self.background.transcript.model(str(message.get("text", "")))
+        elif message.get("type") == "event":
+            data = message.get("data") or {}
+            detail = data.get("text") or data.get("error") or data.get("request") or data.get("name") or ""
+            self.background.transcript.event(f"{message.get('name')} {detail}".strip())
 
     def _on_message(self, raw: str | bytes) -> None:
         self.messages_received += 1
@@ -233,8 +270,10 @@ class GatewaySession:
             return
         if isinstance(message, messages.TextMessage):
             self.inbox.put(message.text)
+            self.background.transcript.user(message.text)
         elif isinstance(message, messages.ControlMessage):
             self.inbox.put(ControlEvent(message.name, message.data))
+            self.background.transcript.event(message.name)
         else:
             self._send({"type": "pong", "id": message.id, "server_time": time.time()})
 
@@ -272,6 +311,7 @@ class GatewaySession:
             if task is not current:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        await self.background.close()
         if self._engine_open:
             await self.engine.close_session(self.session_id)
         self.playout.stop()

@@ -1,6 +1,6 @@
 """Session state: in memory (the embedded default) or in Redis (``--redis URL``).
 
-Per session, three Redis keys share the ``{sid}`` hash tag, so that everything of one session lands on one Redis
+Per session, four Redis keys share the ``{sid}`` hash tag, so that everything of one session lands on one Redis
 Cluster slot and one Lua script may touch them all:
 
 =================================  =====================================================================================
@@ -9,9 +9,13 @@ Cluster slot and one Lua script may touch them all:
                                    (model input features and the model's own output tokens — never raw media; ``echo``:
                                    empty, ``tally``: 1 byte + typed text, ``reference``: see inference/README.md)
 ``microturn:{sid}:events``         stream: ``turn`` and ``msg``, every caption and event sent to the browser, as JSON
+``microturn:{sid}:tasks``          hash: background tasks, field ``TASK_ID`` → the task as JSON
+                                   (:class:`~inference.background.tasks.Task`), and ``delivered:TASK_ID`` → how many of
+                                   its items the model's context has received, set by the same script that appends the
+                                   log entry of the micro-turn that carried them (so exactly once, also after a resume)
 =================================  =====================================================================================
 
-All three expire ``ttl_s`` after the last write (the heartbeat of a live session is its micro-turns); a closed
+All four expire ``ttl_s`` after the last write (the heartbeat of a live session is its micro-turns); a closed
 session's keys are deleted. Appends are fenced: a gateway writes only while the record names it as owner, so after a
 resume moved the session, the old owner's late writes are refused and tell it to let go.
 """
@@ -26,6 +30,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
+from inference.background.tasks import Task
 from microturn.contracts import SessionRecord
 
 
@@ -41,6 +46,7 @@ class LogEntry:
     turn: int
     context: bytes
     messages: list[dict[str, Any]] = field(default_factory=list)  # captions and events sent for this micro-turn
+    delivered: dict[str, int] = field(default_factory=dict)  # task id → its items delivered up to this micro-turn
 
 
 class SessionStore(Protocol):
@@ -64,6 +70,12 @@ class SessionStore(Protocol):
         """Atomically make ``owner`` the owner if the record's resume-token hash is ``old_hash``; rotate it."""
         ...
 
+    async def put_task(self, task: Task) -> None: ...
+
+    async def tasks(self, session_id: str) -> tuple[list[Task], dict[str, int]]:
+        """The session's background tasks (oldest first) and how many items of each were delivered."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -74,6 +86,8 @@ class MemorySessionStore:
         self._records: dict[str, SessionRecord] = {}
         self._logs: dict[str, list[tuple[int, bytes, float]]] = {}
         self._messages: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        self._tasks: dict[str, dict[str, Task]] = {}
+        self._delivered: dict[str, dict[str, int]] = {}
 
     async def put(self, record: SessionRecord) -> None:
         self._records[record.session_id] = dataclasses.replace(record)
@@ -86,6 +100,8 @@ class MemorySessionStore:
         self._records.pop(session_id, None)
         self._logs.pop(session_id, None)
         self._messages.pop(session_id, None)
+        self._tasks.pop(session_id, None)
+        self._delivered.pop(session_id, None)
 
     async def append(self, owner: str, entries: list[LogEntry]) -> list[bool]:
         accepted = []
@@ -95,6 +111,7 @@ class MemorySessionStore:
             if ok and record is not None:
                 self._logs.setdefault(e.session_id, []).append((e.turn, e.context, time.time()))
                 self._messages.setdefault(e.session_id, []).extend((e.turn, m) for m in e.messages)
+                self._delivered.setdefault(e.session_id, {}).update(e.delivered)
                 record.micro_turn, record.last_seen = e.turn, time.time()
             accepted.append(ok)
         return accepted
@@ -113,10 +130,19 @@ class MemorySessionStore:
         record.owner, record.resume_hash = owner, new_hash
         return True
 
+    async def put_task(self, task: Task) -> None:
+        self._tasks.setdefault(task.session_id, {})[task.task_id] = Task.decode(task.encode())
+
+    async def tasks(self, session_id: str) -> tuple[list[Task], dict[str, int]]:
+        tasks = sorted(self._tasks.get(session_id, {}).values(), key=lambda t: t.created)
+        return [Task.decode(t.encode()) for t in tasks], dict(self._delivered.get(session_id, {}))
+
     async def close(self) -> None:
         self._records.clear()
         self._logs.clear()
         self._messages.clear()
+        self._tasks.clear()
+        self._delivered.clear()
 
 
 def record_key(session_id: str) -> str:
@@ -131,13 +157,20 @@ def events_key(session_id: str) -> str:
     return f"microturn:{{{session_id}}}:events"
 
 
-# KEYS: record, log, events. ARGV: owner, turn, context, now, ttl, message JSON…
+def tasks_key(session_id: str) -> str:
+    return f"microturn:{{{session_id}}}:tasks"
+
+
+# KEYS: record, log, events, tasks. ARGV: owner, turn, context, now, ttl, n messages, message JSON…, then pairs of
+# task id and items delivered
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('XADD', KEYS[2], '*', 'turn', ARGV[2], 'ctx', ARGV[3])
-for i = 6, #ARGV do redis.call('XADD', KEYS[3], '*', 'turn', ARGV[2], 'msg', ARGV[i]) end
+local last = 6 + tonumber(ARGV[6])
+for i = 7, last do redis.call('XADD', KEYS[3], '*', 'turn', ARGV[2], 'msg', ARGV[i]) end
+for i = last + 1, #ARGV, 2 do redis.call('HSET', KEYS[4], 'delivered:' .. ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'micro_turn', ARGV[2], 'last_seen', ARGV[4])
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return 1
 """
 
@@ -186,7 +219,8 @@ class RedisSessionStore:
 
     async def delete(self, session_id: str) -> None:
         try:
-            await self._redis.delete(record_key(session_id), log_key(session_id), events_key(session_id))
+            await self._redis.delete(record_key(session_id), log_key(session_id), events_key(session_id),
+                                     tasks_key(session_id))
         except aioredis.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -195,9 +229,12 @@ class RedisSessionStore:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for e in entries:
-                    keys = [record_key(e.session_id), log_key(e.session_id), events_key(e.session_id)]
-                    args: list[bytes | str | int] = [owner, e.turn, e.context, now, self.ttl_s,
+                    keys = [record_key(e.session_id), log_key(e.session_id), events_key(e.session_id),
+                            tasks_key(e.session_id)]
+                    args: list[bytes | str | int] = [owner, e.turn, e.context, now, self.ttl_s, len(e.messages),
                                                      *(json.dumps(m) for m in e.messages)]
+                    for task_id, count in e.delivered.items():
+                        args += [task_id, count]
                     await self._append(keys=keys, args=args, client=pipe)
                 results = await pipe.execute()
         except aioredis.RedisError as exc:
@@ -226,6 +263,30 @@ class RedisSessionStore:
                                           args=[old_hash, new_hash, owner, str(time.time())]))
         except aioredis.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
+
+    async def put_task(self, task: Task) -> None:
+        key = tasks_key(task.session_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, task.task_id, task.encode())
+                pipe.expire(key, self.ttl_s)
+                await pipe.execute()
+        except aioredis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def tasks(self, session_id: str) -> tuple[list[Task], dict[str, int]]:
+        try:
+            raw = await self._redis.hgetall(tasks_key(session_id))
+        except aioredis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        tasks, delivered = [], {}
+        for k, v in raw.items():
+            name = _text(k)
+            if name.startswith("delivered:"):
+                delivered[name.removeprefix("delivered:")] = int(v)
+            else:
+                tasks.append(Task.decode(v))
+        return sorted(tasks, key=lambda t: t.created), delivered
 
     async def close(self) -> None:
         await self._redis.aclose()
