@@ -51,7 +51,13 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "failover":
+    if args.what == "background":
+        from microturn.bench_background import bench_background
+
+        result = bench_background(sessions=args.sessions, seconds=args.seconds,
+                                  model=args.model or "reference",
+                                  preset=args.preset, spin_s=args.spin, workers=args.workers)
+    elif args.what == "failover":
         from microturn.bench_failover import bench_failover
 
         result = bench_failover(trials=args.trials)
@@ -59,7 +65,7 @@ def _bench(args: argparse.Namespace) -> int:
         from microturn.bench_gateway import bench_gateway
 
         result = bench_gateway(sessions=args.sessions, seconds=args.seconds, video=args.video,
-                               processes=args.processes, model=args.model,
+                               processes=args.processes, model=args.model or "echo",
                                checkpoint=str(args.checkpoint) if args.checkpoint else None)
     else:
         from inference.bench_engine import bench_engine
@@ -111,16 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     probe.set_defaults(func=_probe)
 
     bench = sub.add_parser("bench", help="measure the gateway or the engine; prints JSON")
-    bench.add_argument("what", choices=["gateway", "engine", "failover"])
+    bench.add_argument("what", choices=["gateway", "engine", "failover", "background"])
     bench.add_argument("--trials", type=int, default=20, help="failover: kill-and-resume trials")
     bench.add_argument("--sessions", type=int, default=1)
     bench.add_argument("--seconds", type=float, default=20.0)
     bench.add_argument("--video", action="store_true", help="gateway: clients also send video")
     bench.add_argument("--processes", type=int, default=2, help="gateway: load-client processes")
-    bench.add_argument("--model", default="echo", help="gateway: the model the gateway serves")
+    bench.add_argument("--model", help="gateway: the model the gateway serves (echo); background: reference "
+                       "(random tiny weights, the default) or echo")
     bench.add_argument("--checkpoint", type=Path, help="gateway: checkpoint for --model reference")
     bench.add_argument("--preset", default="tiny", help="engine: model preset")
     bench.add_argument("--device", default="cpu", help="engine: torch device")
+    bench.add_argument("--spin", type=float, default=1.0, help="background: seconds of CPU each task spins")
+    bench.add_argument("--workers", type=int, default=2, help="background: worker processes at once")
     bench.add_argument("--json", action="store_true", help="one line of JSON")
     bench.set_defaults(func=_bench)
 

@@ -78,3 +78,12 @@ async def test_cancel_session_stops_all_of_its_tasks() -> None:
                                                                                 "z": "result"}
     assert runner.active("s") == 0
     await runner.close()
+
+
+def test_bench_background_reports_every_field() -> None:
+    from microturn.bench_background import bench_background
+
+    result = bench_background(sessions=2, seconds=1.0, model="echo", spin_s=0.3, workers=1)
+    assert result["micro_turns"]["loaded"] >= 8 and result["late_micro_turns"] >= 0
+    assert set(result["tick_ms"]) == {"unloaded", "loaded"} and result["tick_ms"]["loaded"]["p99"] > 0
+    assert result["tasks_per_s"] > 0
