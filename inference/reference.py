@@ -9,11 +9,12 @@ session's text tokens (``SPEAK``/``SILENT`` and the captions), sampled one after
 held back 25 ms (:data:`SEAM`) so that each micro-turn's Griffin-Lim chunk is cross-faded into the last one
 instead of butting against it; a silent micro-turn is zeros (after fading out speech that just ended).
 
-Session state (:class:`Session`) is created by :meth:`open`, touched only by the tick thread and dropped by
-:meth:`close`: its slot of the :class:`~inference.kv_cache.KVPool` (bounded: sinks + sliding window), the
-last 624 audio samples (dMel context), the last output mel frames (vocoder context), pending user text
-(bounded), the model side not yet in the cache, and the caption decoder. Nothing else grows with the length
-of a session.
+Session state (:class:`Session`) is created by :meth:`open` (or :meth:`restore`), touched only by the tick
+thread and dropped by :meth:`close`: its slot of the :class:`~inference.kv_cache.KVPool` (bounded: sinks +
+sliding window), the last output mel frames and held-back samples (vocoder context), pending user text
+(bounded), the model side not yet in the cache, the caption decoder and the link of its last context record.
+dMel input features keep no state (each micro-turn is framed on its own). Nothing grows with the length of a
+session.
 
 Randomness (text sampling, flow noise) comes from a generator seeded by ``(session seed, micro-turn index)``
 only, so a context rebuilt elsewhere from the same inputs reproduces the same outputs, alone or in any
@@ -34,14 +35,14 @@ import torch.nn.functional as F
 
 from inference import tokenizer
 from inference.checkpoint import load_checkpoint
-from inference.context import TurnRecord
+from inference.context import RecordShape, TurnRecord, first_link
 from inference.dmel import LOG_MIN, DMelStream, quantize
 from inference.kv_cache import AttentionPlan, KVPool
-from inference.layout import Tokens, TurnLayout
-from inference.model import ReferenceNet
+from inference.layout import AUDIO_IN, AUDIO_OUT, FEATURE, TEXT, Tokens, TurnLayout
+from inference.model import ReferenceNet, rope_tables
 from inference.video import patches_at
 from inference.vocoder import GriffinLim, Vocoder
-from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn, MicroTurnOutput, OutputEvent
+from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn, MicroTurnOutput
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,9 @@ class Session:
     voice_context: torch.Tensor  # (vocoder_context, 80) last output log-mel frames
     voice_tail: torch.Tensor  # (SEAM,) last output samples, held back for the next cross-fade
     pending: Tokens  # the last micro-turn's model side, not yet in the cache
+    link: bytes  # the link of the session's last context record (the key of the next one)
     text_backlog: deque[int] = field(default_factory=deque)
     captions: tokenizer.CaptionDecoder = field(default_factory=tokenizer.CaptionDecoder)
-    requests: tokenizer.RequestSpans = field(default_factory=tokenizer.RequestSpans)  # background requests
     trace: Trace | None = None
 
 
@@ -120,7 +121,7 @@ class ReferenceModel:
             raise ValueError(f"session {session_id} is already open")
         silence = torch.full((self.cfg.vocoder_context, self.cfg.n_mels), LOG_MIN)
         self.sessions[session_id] = Session(seed, self.pool.alloc(), silence, torch.zeros(SEAM),
-                                            self.layout.silent_model_side(),
+                                            self.layout.silent_model_side(), first_link(seed),
                                             trace=Trace() if self.record else None)
         self._slot_owner.append(session_id)
 
@@ -202,10 +203,10 @@ class ReferenceModel:
                 s.trace.flow_cond.append(cond[b].cpu())
             record = TurnRecord(t.index, texts[b][0], texts[b][1], video[b], bins[b], control[b], caption[b],
                                 mel[b] if speaking[b] else None)
-            said, requests = s.requests.feed(s.captions.feed(caption[b]))  # a reserved span asks for a task
-            events = tuple(OutputEvent("background_request", {"request": r}) for r in requests)
-            outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], said, events,
-                                           context=record.encode()))
+            context = record.encode(s.link)
+            s.link = TurnRecord.link_of(context)
+            outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], s.captions.feed(caption[b]),
+                                           context=context))
         return outputs
 
     def _advance(self, sessions: list[Session], runs: list[Tokens]) -> torch.Tensor:
@@ -232,8 +233,6 @@ class ReferenceModel:
         new: list[int] = []
         for text in turn.text:
             new += tokenizer.encode(text, tokenizer.USER)
-        for text in turn.background:  # the background input stream: results of background tasks
-            new += tokenizer.encode(text, tokenizer.TOOL)
         for event in turn.events:
             if event.name == "background_result":
                 new += tokenizer.encode(str(event.data.get("text", "")), tokenizer.TOOL)
@@ -305,43 +304,165 @@ class ReferenceModel:
 
     def _prefill(self, slot: int, history: Tokens, chunk: int = 256) -> None:
         """Fill pool ``slot`` with the keys of a whole sequence, in long chunks through a scratch slot."""
+        self._prefill_parts(slot, [(0, history, self.cfg.n_layers)], chunk)
+
+    def _prefill_parts(self, slot: int, parts: list[tuple[int, Tokens, int]], chunk: int = 256) -> None:
+        """Fill pool ``slot`` with the keys of runs ``(position, tokens, depth)``: each run starts at its
+        position (increasing; positions between runs are left out) and goes through the first ``depth`` layers
+        only (the deeper layers' keys of its positions stay unset). Long chunks, through a scratch slot; the
+        slot's next position is the end of the last run."""
         c = self.cfg
         scratch = KVPool(c.n_layers, c.n_kv_heads, c.head_dim, c.n_sink, c.window, chunk, slots=1,
                          device=self.device)
         scratch.alloc()
         with torch.inference_mode():
-            for start in range(0, len(history), chunk):
-                part = history.rows(start, min(start + chunk, len(history))).to(self.device)
-                self.net(self.net.embed(part), AttentionPlan.cached(scratch, [0], [len(part)]))
+            for position, run, depth in parts:
+                if position < scratch.length[0]:
+                    raise ValueError("prefill runs must not overlap")
+                scratch.length[0] = position
+                for start in range(0, len(run), chunk):
+                    part = run.rows(start, min(start + chunk, len(run))).to(self.device)
+                    plan = AttentionPlan.cached(scratch, [0], [len(part)])
+                    x, rope = self.net.embed(part), rope_tables(plan.positions, c.head_dim, c.rope_base)
+                    for block in self.net.blocks[:depth]:
+                        x, _ = block(x, rope, plan)
         self.pool.load(slot, scratch, 0)
 
-    def restore(self, session_id: str, seed: int, history: list[bytes]) -> None:
-        """Open a session rebuilt from the ``context`` records of all its micro-turns so far, in order."""
+    @property
+    def record_shape(self) -> RecordShape:
         c = self.cfg
-        records = [TurnRecord.decode(data, c.text_out, c.frames_per_turn, c.n_mels, c.video_slots, c.d_model)
-                   for data in history]
+        return RecordShape(c.text_in, c.text_out, c.frames_per_turn, c.n_mels, c.video_slots, c.d_model,
+                           c.vocab_size)
+
+    def rebuild_plan(self, length: int) -> list[tuple[int, int, int]]:
+        """What a cache of ``length`` tokens is rebuilt from: ``(start, end, depth)`` spans of positions, each
+        to go through its first ``depth`` layers.
+
+        Why that is exact: a layer's keys at position p are a function of that layer's input at p, which
+        attends to the sinks and to positions ``(p − window, p]`` of the layer below. The next query (position
+        ``length``) sees positions from ``length − window + 1`` on, so layer ``l``'s keys are needed there, which
+        need layer ``l − 1``'s keys ``window − 1`` further back, and so on: with ``W = window − 1`` and ``cut =
+        length − n_layers · W``, layer ``l`` (0-based) is needed exactly at positions ``≥ cut + l · W``. So the
+        sinks go through every layer, band ``j`` = ``[cut + j · W, cut + (j + 1) · W)`` through layers ``0 … j``
+        (the last band ends at ``length``), and nothing before ``cut`` at all: what lies there no longer reaches
+        any key a later micro-turn can see. For ``tiny`` that is the sinks plus 2,044 tokens (≈ 157 micro-turns)
+        at 10/16 of a full forward's layer work, whatever the length of the session."""
+        c = self.cfg
+        sinks = min(c.n_sink, length)
+        spans = [(0, sinks, c.n_layers)] if sinks else []
+        reach = c.window - 1
+        cut = length - c.n_layers * reach
+        for j in range(c.n_layers):
+            start = max(sinks, cut + j * reach)
+            end = length if j == c.n_layers - 1 else min(length, cut + (j + 1) * reach)
+            if end > start:
+                spans.append((start, end, j + 1))
+        return spans
+
+    def restore(self, session_id: str, seed: int, history: list[bytes]) -> None:
+        """Open a session rebuilt from the ``context`` records of all its micro-turns so far, in order.
+
+        Cost does not grow with the history beyond reading it: every record is checked (chain link, sizes,
+        fields) and its text ids and captions replayed into the text queue and the caption decoder, but only
+        the sinks and the last ``n_layers · (window − 1)`` tokens go through the trunk (one chunked forward at
+        their original positions, deeper layers for later tokens only: see :meth:`rebuild_plan` for why that
+        is exact), and only the last two records' mel through the vocoder. A bad history raises
+        :class:`ValueError` and opens nothing."""
+        shape, n_turn = self.record_shape, self.cfg.turn_tokens
+        records: list[TurnRecord] = []
+        link = first_link(seed)
+        for data in history:
+            r = TurnRecord.decode(data, shape, link, payload=False)
+            if records and r.index != records[-1].index + 1:
+                raise ValueError(f"context record {r.index} follows record {records[-1].index}")
+            records.append(r)
+            link = TurnRecord.link_of(data)
         self.open(session_id, seed)
         s = self.sessions[session_id]
         try:
-            runs, silence = [], torch.full((c.frames_per_turn, c.n_mels), LOG_MIN)
             for r in records:
                 if self._consume_text(s, r.new_text) != r.text_slots:
                     raise ValueError(f"context record {r.index} does not follow from the ones before it")
-                frame = None if r.video is None else Tokens.of_features(r.video, c.frames_per_token, c.n_mels)
-                runs.append(Tokens.cat([s.pending, self.layout.user_side(r.text_slots, frame, r.audio_bins)]))
-                mel = silence if r.mel is None else r.mel.float()
-                s.pending = self.layout.model_side(r.control, r.caption, quantize(mel))
-                s.requests.feed(s.captions.feed(r.caption))
-                if s.trace is not None:
-                    s.trace.runs.append(runs[-1])
-                    s.trace.sampled.append(torch.tensor([r.control, *r.caption]))
-            if runs:
-                self._prefill(s.slot, Tokens.cat(runs))
-            self._restore_voice(s, [silence if r.mel is None else r.mel.float() for r in records[-2:]],
-                                records[-1].mel is not None if records else False)
+                s.captions.feed(r.caption)
+            s.link = link
+            n = len(records)
+            if n == 0:
+                return
+            full: dict[int, TurnRecord] = {}
+
+            def record(k: int) -> TurnRecord:  # with its payload (only the records the rebuild reads)
+                if k not in full:
+                    previous = TurnRecord.link_of(history[k - 1]) if k else first_link(seed)
+                    full[k] = TurnRecord.decode(history[k], shape, previous)
+                return full[k]
+
+            def tokens(start: int, end: int) -> Tokens:  # positions [start, end): micro-turn k's run is k·13 …
+                first, last = start // n_turn, -(-end // n_turn)
+                run = self._turn_tokens([record(k) for k in range(first, last)], record(first - 1) if first else None)
+                return run.rows(start - first * n_turn, end - first * n_turn)
+
+            length = n * n_turn
+            self._prefill_parts(s.slot, [(start, tokens(start, end), depth)
+                                         for start, end, depth in self.rebuild_plan(length)])
+            if s.trace is not None:
+                whole = tokens(0, length)
+                s.trace.runs.extend(whole.rows(k * n_turn, (k + 1) * n_turn) for k in range(n))
+                s.trace.sampled.extend(torch.tensor([r.control, *r.caption]) for r in records)
+            final = record(n - 1)
+            s.pending = self._model_side(final)
+            self._restore_voice(s, [self._mel(record(k)) for k in range(max(0, n - 2), n)], final.spoke)
         except Exception:
             self.close(session_id)
             raise
+
+    def _mel(self, r: TurnRecord) -> torch.Tensor:
+        """The output mel a micro-turn's record stands for: its mel when it spoke, silence otherwise."""
+        if r.mel is None:
+            return torch.full((self.cfg.frames_per_turn, self.cfg.n_mels), LOG_MIN)
+        return r.mel.float()
+
+    def _model_side(self, r: TurnRecord) -> Tokens:
+        return self.layout.model_side(r.control, r.caption, quantize(self._mel(r)))
+
+    def _turn_tokens(self, records: list[TurnRecord], before: TurnRecord | None) -> Tokens:
+        """The tokens consecutive micro-turns ``records`` fed the trunk — each one's run is the model side of the
+        micro-turn before it (``before`` for the first; None: the session's initial silent model side), then
+        its user side — built at once: the same tokens as :meth:`TurnLayout.model_side` and
+        :meth:`TurnLayout.user_side` run by run (``tests/test_reference_restore.py`` checks it)."""
+        c = self.cfg
+        n_audio, pad = c.audio_tokens, tokenizer.PAD
+        silent = torch.zeros(c.frames_per_turn, c.n_mels, dtype=torch.long)
+        kinds: list[int] = []
+        ids: list[int] = []
+        audio: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
+        for prev, r in zip([before, *records[:-1]], records, strict=True):
+            if prev is None:
+                kinds += [TEXT] * (1 + c.text_out) + [AUDIO_OUT] * n_audio
+                ids += [tokenizer.SILENT] + [pad] * c.text_out + [0] * n_audio
+                audio.append(silent)
+            else:
+                kinds += [TEXT] * (1 + c.text_out) + [AUDIO_OUT] * n_audio
+                ids += [prev.control, *prev.caption] + [0] * n_audio
+                audio.append(silent if prev.mel is None else quantize(prev.mel.float()))
+            if len(r.text_slots) > c.text_in:
+                raise ValueError(f"context record {r.index}: {len(r.text_slots)} text slots")
+            ids += r.text_slots + [pad] * (c.text_in - len(r.text_slots))
+            kinds += [TEXT] * c.text_in
+            if r.video is None:
+                kinds += [TEXT] * c.video_slots
+                ids += [tokenizer.NO_VIDEO] * c.video_slots
+            else:
+                kinds += [FEATURE] * c.video_slots
+                ids += [0] * c.video_slots
+                features.append(r.video)
+            kinds += [AUDIO_IN] * n_audio
+            ids += [0] * n_audio
+            audio.append(r.audio_bins)
+        empty = Tokens.empty(c.frames_per_token, c.n_mels)
+        return Tokens(torch.tensor(kinds), torch.tensor(ids),
+                      torch.stack(audio).reshape(-1, c.frames_per_token, c.n_mels), empty.patches, empty.grid,
+                      torch.cat(features).float() if features else empty.features)
 
     def _restore_voice(self, s: Session, mels: list[torch.Tensor], spoke: bool) -> None:
         """The vocoder state after the last restored micro-turn: its last frames and its held-back tail."""
@@ -354,4 +475,3 @@ class ReferenceModel:
                 audio = self.vocoder(torch.cat([previous, mels[-1]])[None])[0, -(ctx * self.cfg.hop + n):]
             s.voice_tail = audio[-SEAM:].clone()
         s.voice_context = mels[-1][-ctx:].clone()
-
