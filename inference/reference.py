@@ -42,7 +42,7 @@ from inference.layout import AUDIO_IN, AUDIO_OUT, FEATURE, TEXT, Tokens, TurnLay
 from inference.model import ReferenceNet, rope_tables
 from inference.video import patches_at
 from inference.vocoder import GriffinLim, Vocoder
-from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn, MicroTurnOutput
+from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn, MicroTurnOutput, OutputEvent
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Session:
     link: bytes  # the link of the session's last context record (the key of the next one)
     text_backlog: deque[int] = field(default_factory=deque)
     captions: tokenizer.CaptionDecoder = field(default_factory=tokenizer.CaptionDecoder)
+    requests: tokenizer.RequestSpans = field(default_factory=tokenizer.RequestSpans)  # background requests
     trace: Trace | None = None
 
 
@@ -205,7 +206,9 @@ class ReferenceModel:
                                 mel[b] if speaking[b] else None)
             context = record.encode(s.link)
             s.link = TurnRecord.link_of(context)
-            outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], s.captions.feed(caption[b]),
+            said, requests = s.requests.feed(s.captions.feed(caption[b]))  # a reserved span asks for a task
+            events = tuple(OutputEvent("background_request", {"request": r}) for r in requests)
+            outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], said, events,
                                            context=context))
         return outputs
 
@@ -233,6 +236,8 @@ class ReferenceModel:
         new: list[int] = []
         for text in turn.text:
             new += tokenizer.encode(text, tokenizer.USER)
+        for text in turn.background:  # the background input stream: results of background tasks
+            new += tokenizer.encode(text, tokenizer.TOOL)
         for event in turn.events:
             if event.name == "background_result":
                 new += tokenizer.encode(str(event.data.get("text", "")), tokenizer.TOOL)
@@ -383,7 +388,7 @@ class ReferenceModel:
             for r in records:
                 if self._consume_text(s, r.new_text) != r.text_slots:
                     raise ValueError(f"context record {r.index} does not follow from the ones before it")
-                s.captions.feed(r.caption)
+                s.requests.feed(s.captions.feed(r.caption))
             s.link = link
             n = len(records)
             if n == 0:
