@@ -49,7 +49,7 @@ WRITE_SCREENSHOTS = os.environ.get("MICROTURN_WRITE_SCREENSHOTS") == "1"
 
 EVENT_LOG = """
 window.__events = [];
-const types = ["state", "session", "caption", "error", "stats"].map((name) => `microturn-${name}`);
+const types = ["state", "session", "resume", "caption", "error", "stats"].map((name) => `microturn-${name}`);
 for (const type of types) {
   document.addEventListener(type, (e) => window.__events.push({ type, detail: e.detail }));
 }
@@ -231,14 +231,86 @@ def test_screenshots_are_checked_in() -> None:
         assert path.exists() and path.stat().st_size < 150_000, path
 
 
+SESSION_JS = ("(() => { const s = document.querySelector('microturn-widget').session;"
+              " return s && { session_id: s.sessionId, token: s.token }; })()")
+
+
+async def wait_until(page: Any, expression: str, timeout: float) -> None:
+    """Poll ``expression`` in the page (``wait_for_function`` needs 'unsafe-eval', which the page's CSP forbids)."""
+    deadline = time.monotonic() + timeout
+    while not await page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {expression}")
+        await asyncio.sleep(0.1)
+
+
+async def post_resume(base: str, session_id: str, resume_token: str, last_turn: int = -1) -> int:
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{base}/v1/sessions/{session_id}/resume", json={"last_turn": last_turn},
+            headers={"Authorization": f"Bearer {resume_token}"}) as resp:
+        return resp.status
+
+
+@pytest.mark.timeout(60)
+async def test_widget_resumes_the_same_session_after_a_lost_connection(
+        gateway_and_site: tuple[TestServer, str], speech_wav: Path, tmp_path: Path) -> None:
+    gateway, site = gateway_and_site
+    gw = gateway.app[api.GATEWAY]
+    base = str(gateway.make_url("")).rstrip("/")
+    mic = make_fake_mic_wav(speech_wav, tmp_path / "mic.wav")
+    captions_js = "window.__events.filter((e) => e.type === 'microturn-caption').map((e) => e.detail)"
+    async with chromium(tmp_path / "profile", mic) as context:
+        page = await context.new_page()  # type: ignore[attr-defined]
+        await page.add_init_script(EVENT_LOG)
+        await page.goto(site + "/")
+        async with page.expect_response("**/api/microturn-token") as minted:
+            await page.get_by_role("button", name="Connect", exact=True).click()
+        grant = await (await minted.value).json()
+        await page.wait_for_selector('microturn-widget[state="listening"]', timeout=15000)
+        first = await page.evaluate(SESSION_JS)
+        assert first["session_id"] == grant["session_id"] and grant["resume_token"]
+        await wait_until(page, f"{captions_js}.length >= 1", timeout=10)
+        before = await page.evaluate(captions_js)
+
+        # the connection drops (the gateway closes the peer) but the session's state stays for a resume
+        await gw.live[first["session_id"]].close("test: connection lost", keep_state=True)
+        assert first["session_id"] not in gw.live
+        await wait_until(page, "window.__events.some((e) => e.type === 'microturn-resume')", timeout=15)
+        await page.wait_for_selector('microturn-widget[state="listening"]', timeout=5000)
+        second = await page.evaluate(SESSION_JS)
+        live_again = second["session_id"] in gw.live
+        state = await wait_for_turns(base, second, 3, timeout=10)
+        last_before = max(c["turn"] for c in before)
+        await wait_until(page, f"{captions_js}.some((c) => c.turn > {last_before + 5})", timeout=15)
+        old_token_status = await post_resume(base, first["session_id"], grant["resume_token"])
+        still_live = second["session_id"] in gw.live  # a refused resume does not disturb the session
+        events = await page.evaluate("window.__events")
+        await page.get_by_role("button", name="Disconnect", exact=True).click()
+
+    assert second["session_id"] == first["session_id"]  # resumed: the same session, not a new one
+    assert second["token"] != first["token"]  # a fresh connect token from the resume grant
+    assert live_again and still_live and state["state"] == "connected"
+    assert old_token_status == 401  # the resume token rotated: the old one is used up
+    states = [e["detail"]["state"] for e in events if e["type"] == "microturn-state"]
+    assert states[:4] == ["connecting", "listening", "reconnecting", "listening"], states
+    sessions = [e["detail"] for e in events if e["type"] == "microturn-session"]
+    assert [(s["sessionId"], s["resumed"]) for s in sessions] == [
+        (first["session_id"], False), (first["session_id"], True)], sessions
+    resumes = [e["detail"] for e in events if e["type"] == "microturn-resume"]
+    assert len(resumes) == 1 and resumes[0]["sessionId"] == first["session_id"]
+    assert resumes[0]["lastTurn"] >= last_before
+    captions = [(e["detail"]["turn"], e["detail"]["text"]) for e in events if e["type"] == "microturn-caption"]
+    assert len(captions) == len(set(captions)), "a replayed caption was shown twice"
+    assert not [e for e in events if e["type"] == "microturn-error"]
+
+
 @pytest.mark.timeout(60)
 async def test_widget_reconnects_as_a_new_session_when_the_gateway_drops_it(
         gateway_and_site: tuple[TestServer, str], speech_wav: Path, tmp_path: Path) -> None:
     gateway, site = gateway_and_site
     base = str(gateway.make_url("")).rstrip("/")
     mic = make_fake_mic_wav(speech_wav, tmp_path / "mic.wav")
-    session_js = "(() => { const s = document.querySelector('microturn-widget').session;" \
-                 " return s && { session_id: s.sessionId, token: s.token }; })()"
+    session_js = SESSION_JS
     async with chromium(tmp_path / "profile", mic) as context:
         page = await context.new_page()  # type: ignore[attr-defined]
         await page.add_init_script(EVENT_LOG)
@@ -248,7 +320,7 @@ async def test_widget_reconnects_as_a_new_session_when_the_gateway_drops_it(
         first = await page.evaluate(session_js)
         await wait_for_turns(base, first, 3, timeout=10)
 
-        # the gateway ends the session (as a crash, drain or idle timeout would)
+        # the gateway ends the session and drops its state (as an idle timeout would): nothing left to resume
         async with aiohttp.ClientSession() as http, http.delete(
                 f"{base}/v1/sessions/{first['session_id']}",
                 headers={"Authorization": f"Bearer {first['token']}"}) as resp:
@@ -260,10 +332,11 @@ async def test_widget_reconnects_as_a_new_session_when_the_gateway_drops_it(
         events = await page.evaluate("window.__events")
         await page.get_by_role("button", name="Disconnect", exact=True).click()
 
-    assert second["session_id"] != first["session_id"]  # no resume flow yet: a clean new session
+    assert second["session_id"] != first["session_id"]  # the resume was refused (404): a clean new session
     assert state["state"] == "connected"
     assert (await session_state(base, first))[0] == 404
     states = [e["detail"]["state"] for e in events if e["type"] == "microturn-state"]
     assert states[:4] == ["connecting", "listening", "reconnecting", "listening"], states
-    assert [e["detail"]["sessionId"] for e in events if e["type"] == "microturn-session"] == [
-        first["session_id"], second["session_id"]]
+    assert [(e["detail"]["sessionId"], e["detail"]["resumed"]) for e in events
+            if e["type"] == "microturn-session"] == [(first["session_id"], False), (second["session_id"], False)]
+    assert not [e for e in events if e["type"] == "microturn-resume"]

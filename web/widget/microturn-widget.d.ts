@@ -15,6 +15,9 @@ export interface MicroturnSessionGrant {
   ice_servers: RTCIceServer[];
   offer_url: string;
   micro_turn_ms: number;
+  /** One-use token for `POST {server}/v1/sessions/{id}/resume` after a lost connection (rotates on each resume). */
+  resume_token?: string;
+  resume_url?: string;
   /** Optional: the gateway's base URL, when the backend picks it (overrides the `server` attribute). */
   server?: string;
 }
@@ -27,7 +30,18 @@ export interface MicroturnSession {
 }
 
 export interface MicroturnStateDetail { state: MicroturnState; previous: MicroturnState; }
-export interface MicroturnSessionDetail { sessionId: string; server: string; }
+export interface MicroturnSessionDetail {
+  sessionId: string;
+  server: string;
+  /** True when this is the same session back after a lost connection (see `microturn-resume`). */
+  resumed: boolean;
+}
+export interface MicroturnResumeDetail {
+  sessionId: string;
+  server: string;
+  /** The last micro-turn whose caption/event had arrived; the gateway replays what came after it. */
+  lastTurn: number;
+}
 export interface MicroturnCaptionDetail { turn: number; text: string; }
 export interface MicroturnTaskDetail { turn: number; name: string; data: Record<string, unknown>; }
 export interface MicroturnErrorDetail {
@@ -55,6 +69,7 @@ export interface MicroturnStatsDetail {
 export interface MicroturnEventMap {
   "microturn-state": CustomEvent<MicroturnStateDetail>;
   "microturn-session": CustomEvent<MicroturnSessionDetail>;
+  "microturn-resume": CustomEvent<MicroturnResumeDetail>;
   "microturn-caption": CustomEvent<MicroturnCaptionDetail>;
   "microturn-task": CustomEvent<MicroturnTaskDetail>;
   "microturn-error": CustomEvent<MicroturnErrorDetail>;
@@ -72,8 +87,11 @@ export declare class MicroturnError extends Error {
 export declare class MicroturnWidget extends HTMLElement {
   /** Mint sessions yourself (replaces `token-url`). */
   tokenProvider: (() => Promise<MicroturnSessionGrant>) | null;
-  /** Called before reconnecting as a new session; return true when the session was resumed. */
-  resumeHandler: ((previous: MicroturnSession) => Promise<boolean>) | null;
+  /**
+   * Tried before the built-in resume after a lost connection; return true when you brought the session back
+   * yourself. It gets the session with its current `resumeToken` (null when none).
+   */
+  resumeHandler: ((previous: MicroturnSession & { resumeToken: string | null }) => Promise<boolean>) | null;
   audioConstraints: MediaTrackConstraints;
   videoConstraints: MediaTrackConstraints;
 

@@ -13,14 +13,17 @@
  *                {server}/v1/sessions itself (same-origin / development mode)
  *   camera       "on": camera on when connecting; "off" (default): off, can be turned on; "none": no camera
  *   autoconnect  connect as soon as the element is on the page (opt-in; by default nothing starts without a click)
- *   reconnect    how many times to reconnect after the connection drops (default 3; 0 turns it off)
+ *   reconnect    how many times to reconnect after the connection drops (default 3; 0 turns it off); each try
+ *                first resumes the same session (POST {server}/v1/sessions/{id}/resume with the resume token) and
+ *                only starts a new session when the gateway says it cannot be resumed (401/403/404)
  *
  * State (the `state` property, reflected to the `state` attribute of the element):
  *   idle → connecting → listening ⇄ muted → (reconnecting → listening) → idle;  any → error (press Connect again)
  *
  * Events (CustomEvent, bubbling, composed; the payload is `event.detail`):
  *   microturn-state    {state, previous}                 every state change
- *   microturn-session  {sessionId, server}               a session is connected (again, after a reconnect)
+ *   microturn-session  {sessionId, server, resumed}      a session is connected (again, after a reconnect)
+ *   microturn-resume   {sessionId, server, lastTurn}     the same session is back after a lost connection
  *   microturn-caption  {turn, text}                      what the model said in micro-turn `turn`
  *   microturn-task     {turn, name, data}                something the model did (e.g. a background task)
  *   microturn-error    {code, message, fatal}            `message` is plain words, fit to show to a person
@@ -95,7 +98,7 @@ async function requestJson(url, init, { tokenEndpoint = false } = {}) {
   const detail = `${response.status} ${code} ${(body.error && body.error.message) || ""}`.trim();
   if (tokenEndpoint) throw new MicroturnError("token_failed", { detail });
   if (code === "origin_not_allowed" || code === "api_key_invalid") throw new MicroturnError("not_allowed", { detail });
-  if (code === "token_invalid" || code === "unknown_session" || response.status === 401) {
+  if (code === "token_invalid" || code === "unknown_session" || code === "resume_refused" || response.status === 401) {
     throw new MicroturnError("session_expired", { detail });
   }
   if (response.status === 503) throw new MicroturnError("server_busy", { detail });
@@ -182,8 +185,8 @@ export class MicroturnWidget extends HTMLElement {
    */
   tokenProvider = null;
   /**
-   * Optional: `async ({sessionId, token, server}) => boolean`, tried before a reconnect as a new session.
-   * This is where the gateway's resume flow plugs in once it exists; return true when the session was resumed.
+   * Optional: `async ({sessionId, token, resumeToken, server}) => boolean`, tried before the built-in resume
+   * after a lost connection; return true when you brought the session back yourself.
    */
   resumeHandler = null;
   /** Microphone constraints passed to getUserMedia. */
@@ -200,7 +203,10 @@ export class MicroturnWidget extends HTMLElement {
   #channel = null;
   #audioSender = null;
   #videoSender = null;
-  #session = null; // {sessionId, token, server, microTurnMs}
+  #session = null; // {sessionId, token, resumeToken, server, microTurnMs}
+  #lastTurn = -1; // the largest `turn` of any caption or event received in this session
+  #seen = new Set(); // recent "type|turn|text" keys: a resume may replay what already arrived
+  #resuming = false;
   #userStopped = true;
   #timers = new Set();
   #pings = new Map();
@@ -258,7 +264,11 @@ export class MicroturnWidget extends HTMLElement {
   get muted() { return this.#muted; }
   get cameraOn() { return this.#camera !== null && this.#camera.readyState === "live"; }
   /** The current session ({sessionId, token, server, microTurnMs}), or null. */
-  get session() { return this.#session && { ...this.#session }; }
+  get session() {
+    if (!this.#session) return null;
+    const { resumeToken, ...session } = this.#session; // the resume token is a secret the page need not see
+    return session;
+  }
   /** The audio coming back from the model (a MediaStream), or null. */
   get remoteStream() { return this.#ui.audio.srcObject || null; }
   /** The gateway's base URL this widget talks to. */
@@ -387,9 +397,16 @@ export class MicroturnWidget extends HTMLElement {
   async #startSession() {
     const minted = await this.#mint();
     if (this.#userStopped) return;
-    const server = (minted.server || this.server).replace(/\/+$/, "");
-    this.#session = { sessionId: minted.session_id, token: minted.token, server, microTurnMs: minted.micro_turn_ms || 200 };
-    const pc = new RTCPeerConnection({ iceServers: minted.ice_servers || [] });
+    this.#lastTurn = -1;
+    this.#seen.clear();
+    await this.#negotiate(minted, (minted.server || this.server).replace(/\/+$/, ""));
+  }
+
+  /** Connect a new peer connection with the current tracks, with a grant from /v1/sessions or /resume. */
+  async #negotiate(grant, server) {
+    this.#session = { sessionId: grant.session_id, token: grant.token, resumeToken: grant.resume_token || null,
+      server, microTurnMs: grant.micro_turn_ms || 200 };
+    const pc = new RTCPeerConnection({ iceServers: grant.ice_servers || [] });
     this.#pc = pc;
     const stream = new MediaStream([this.#mic]);
     this.#audioSender = pc.addTrack(this.#mic, stream);
@@ -437,7 +454,8 @@ export class MicroturnWidget extends HTMLElement {
     const state = pc.connectionState;
     if (state === "connected") {
       this.#setState(this.#muted ? "muted" : "listening");
-      this.#emit("microturn-session", { sessionId: this.#session.sessionId, server: this.#session.server });
+      this.#emit("microturn-session", { sessionId: this.#session.sessionId, server: this.#session.server,
+        resumed: this.#resuming });
       this.#startStats();
     } else if (state === "failed" || state === "closed") {
       this.#lost(`connection ${state}`);
@@ -454,6 +472,7 @@ export class MicroturnWidget extends HTMLElement {
     } catch {
       return;
     }
+    if ((msg.type === "caption" || msg.type === "event") && !this.#firstTime(msg)) return;
     if (msg.type === "caption") {
       this.#addCaption(msg.text);
       this.#emit("microturn-caption", { turn: msg.turn, text: msg.text });
@@ -469,6 +488,19 @@ export class MicroturnWidget extends HTMLElement {
     } else if (msg.type === "session" && this.#session) {
       this.#session.microTurnMs = msg.micro_turn_ms || this.#session.microTurnMs;
     }
+  }
+
+  /** True the first time a caption/event arrives (a resume replays what the gateway is unsure was delivered). */
+  #firstTime(msg) {
+    const key = `${msg.type}|${msg.turn}|${msg.type === "caption" ? msg.text : msg.name}`;
+    if (this.#seen.has(key)) return false;
+    this.#seen.add(key);
+    for (const old of this.#seen) {
+      if (this.#seen.size <= 512) break;
+      this.#seen.delete(old);
+    }
+    if (Number.isInteger(msg.turn)) this.#lastTurn = Math.max(this.#lastTurn, msg.turn);
+    return true;
   }
 
   /** The connection dropped without the user asking: resume if possible, else reconnect as a new session. */
@@ -488,9 +520,12 @@ export class MicroturnWidget extends HTMLElement {
       await sleep(Math.min(8000, 500 * 2 ** attempt));
       if (this.#userStopped) return;
       try {
-        if (await this.#resume(previous)) return;
-        // No resume: the old session is gone for good; free it on the gateway and start a new one.
-        this.#deleteSession(true, previous);
+        const resumed = await this.#resume(previous);
+        if (resumed) return;
+        // No resume: the old session is gone for good; start a new one (freeing the old one when the gateway
+        // was never asked: after a refused resume it is gone, or another tab holds it now).
+        if (resumed === null) this.#deleteSession(true, previous);
+        else if (previous === this.#session) this.#session = null;
         this.#addCaption("(reconnected as a new session)", true);
         await this.#startSession();
         await this.#waitConnected();
@@ -505,13 +540,38 @@ export class MicroturnWidget extends HTMLElement {
   }
 
   /**
-   * Resume hook. The gateway has no resume flow yet (it comes with the Redis session state): when it does, this
-   * asks it to move `previous` onto a new peer connection and returns true. Until then, it defers to the
-   * integrator's `resumeHandler`, if any.
+   * Bring `previous` back on a new peer connection: the gateway's resume flow (the integrator's `resumeHandler`
+   * first, if any). True: resumed. False: the gateway refused (401/403/404: the session is gone or resumed
+   * elsewhere). Null: no resume was possible (no resume token). Other failures (503, network) throw: retry later.
    */
   async #resume(previous) {
-    if (!previous || !this.resumeHandler) return false;
-    return Boolean(await this.resumeHandler({ ...previous }));
+    if (!previous) return null;
+    if (this.resumeHandler && (await this.resumeHandler({ ...previous }))) return true;
+    if (!previous.resumeToken) return null;
+    const lastTurn = this.#lastTurn;
+    let grant;
+    try {
+      grant = await requestJson(`${previous.server}/v1/sessions/${encodeURIComponent(previous.sessionId)}/resume`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Authorization: `Bearer ${previous.resumeToken}` },
+        body: JSON.stringify({ last_turn: lastTurn }),
+      });
+    } catch (err) {
+      if (err.code === "session_expired") return false;
+      throw err; // server_busy (503) or unreachable: the caller backs off and tries again
+    }
+    // the old resume token is used up: a retry (if this negotiation fails) resumes with the rotated one
+    Object.assign(previous, { token: grant.token, resumeToken: grant.resume_token || null });
+    if (this.#userStopped) return true;
+    this.#resuming = true;
+    try {
+      await this.#negotiate(grant, previous.server);
+      await this.#waitConnected();
+    } finally {
+      this.#resuming = false;
+    }
+    this.#emit("microturn-resume", { sessionId: this.#session.sessionId, server: this.#session.server, lastTurn });
+    return true;
   }
 
   #waitConnected() {
