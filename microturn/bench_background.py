@@ -22,6 +22,7 @@ import numpy as np
 from inference.background.reasoner import ReasonerSpec
 from inference.background.runner import BackgroundRunner, Update
 from inference.engine import Engine, EngineStats
+from microturn.config import Settings
 from microturn.contracts import MICRO_TURN_MS, MICRO_TURN_SAMPLES, MicroTurn, ModelBackend
 
 
@@ -132,6 +133,10 @@ async def _bench(sessions: int, seconds: float, model: str, preset_name: str, sp
 
 
 def bench_background(sessions: int = 16, seconds: float = 10.0, model: str = "reference", preset: str = "tiny",
-                     spin_s: float = 1.0, workers: int = 2, tick_budget_ms: float = 150.0) -> dict[str, Any]:
-    """Run the benchmark (about 2 × ``seconds`` plus start-up) and return its figures."""
+                     spin_s: float = 1.0, workers: int | None = None, tick_budget_ms: float = 150.0
+                     ) -> dict[str, Any]:
+    """Run the benchmark (about 2 × ``seconds`` plus start-up) and return its figures; ``workers`` defaults to the
+    gateway's setting."""
+    if workers is None:
+        workers = Settings().background_workers
     return asyncio.run(_bench(sessions, seconds, model, preset, spin_s, workers, tick_budget_ms))

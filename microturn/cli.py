@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", default="tiny", help="engine: model preset")
     bench.add_argument("--device", default="cpu", help="engine: torch device")
     bench.add_argument("--spin", type=float, default=1.0, help="background: seconds of CPU each task spins")
-    bench.add_argument("--workers", type=int, default=2, help="background: worker processes at once")
+    bench.add_argument("--workers", type=int, help="background: worker processes at once (default: the gateway's, "
+                       "cores − 1)")
     bench.add_argument("--json", action="store_true", help="one line of JSON")
     bench.set_defaults(func=_bench)
 

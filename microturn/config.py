@@ -48,7 +48,8 @@ class Settings:
     background_openai_url: str | None = None  # e.g. http://sglang:30000/v1
     background_openai_key: str | None = field(default=None, repr=False)  # that server's key (from the environment)
     background_openai_model: str = "default"
-    background_workers: int = 2  # background worker processes running at once, per gateway
+    # background worker processes running at once, per gateway: one core is left to media and the engine
+    background_workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))
     background_max_tasks: int = 2  # background tasks a session may have queued or running at once
     background_timeout_s: float = 60.0  # a background task running longer is stopped and fails
     log_level: str = "INFO"
