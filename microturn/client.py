@@ -302,9 +302,3 @@ class ProbeClient:
 
     def captions(self) -> list[dict[str, Any]]:
         return [m for _, m in self.received.messages if m.get("type") == "caption"]
-
-
-def rms_envelope(audio: np.ndarray, rate: int, window_s: float = 0.02) -> np.ndarray:
-    n = int(rate * window_s)
-    usable = len(audio) // n * n
-    return np.sqrt(np.mean(np.square(audio[:usable].reshape(-1, n)), axis=1))

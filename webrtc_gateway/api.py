@@ -122,8 +122,7 @@ def _check_token(request: web.Request, session_id: str) -> None:
     try:
         request.app[GATEWAY].signer.verify(header.removeprefix("Bearer ").strip(), session_id, "connect")
     except TokenError as exc:
-        status = 403 if "another session" in str(exc) or "scope" in str(exc) else 401
-        raise _Refused(status, "token_invalid", str(exc)) from exc
+        raise _Refused(403 if exc.forbidden else 401, "token_invalid", str(exc)) from exc
 
 
 def refusals(handler: Handler) -> Handler:
@@ -241,8 +240,7 @@ async def resume_session(request: web.Request) -> web.Response:
     try:
         grant = await request.app[GATEWAY].resume(session_id, header.removeprefix("Bearer ").strip(), last_turn)
     except ResumeRefused as exc:
-        status = 403 if "another session" in str(exc) or "scope" in str(exc) else 401
-        return error(status, "resume_refused", str(exc))
+        return error(403 if exc.forbidden else 401, "resume_refused", str(exc))
     except UnknownSession as exc:
         return error(404, "unknown_session", str(exc))
     except GatewayFull as exc:

@@ -44,7 +44,7 @@ class Draining(Exception):
     """The gateway is draining: it takes no new sessions or connections."""
 
 
-class ResumeRefused(Exception):
+class ResumeRefused(TokenError):
     """The resume token is not the session's current one (already used, replaced, or the session is gone)."""
 
 
@@ -134,7 +134,7 @@ class Gateway:
         try:
             self.signer.verify(resume_token, session_id, "resume")
         except TokenError as exc:
-            raise ResumeRefused(str(exc)) from exc
+            raise ResumeRefused(str(exc), exc.forbidden) from exc
         record = await self.store.get(session_id)
         if record is None:
             raise UnknownSession("no such session (it ended or expired)")

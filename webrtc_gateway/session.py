@@ -10,7 +10,8 @@ A session is composed of small parts, each owning one job (see DESIGN.md, "the p
   events).
 
 :meth:`GatewaySession.close` is the one way a session ends — client hang-up, failed connection, idle timeout, DELETE,
-or gateway shutdown — and it frees all of it: tasks, tracks, peer connection, the engine's state, the store record.
+or gateway shutdown — and it frees all of it here: tasks, tracks, peer connection, the engine's state. The session's
+stored state stays for a resume unless the browser ended it (``keep_state=False``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,6 @@ class GatewaySession:
         self.engine = engine
         self.log = log
         self.keep_state = True  # whether closing leaves the session's state for a resume
-        self.created = time.monotonic()
         self.pc = RTCPeerConnection(ice_configuration(settings))
         self.timeline = InputTimeline()
         self.media_clock = MediaClock()
@@ -101,7 +101,6 @@ class GatewaySession:
         self.captions_sent = 0
         self.errors_sent = 0
         self.messages_received = 0
-        self.closed = asyncio.Event()
         self._on_closed = on_closed
         self._outputs: asyncio.Queue[asyncio.Future[MicroTurnOutput]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -186,9 +185,10 @@ class GatewaySession:
             return
         self.channel = channel
         channel.on("message", self._on_message)
-        channel.on("open", self._greet)
-        if channel.readyState == "open":
+        if channel.readyState == "open":  # aiortc opens a channel the browser made before announcing it
             self._greet()
+        else:
+            channel.on("open", self._greet)
 
     def _greet(self) -> None:
         self._send({"type": "session", "session_id": self.session_id, "micro_turn_ms": MICRO_TURN_MS,
@@ -316,7 +316,6 @@ class GatewaySession:
             await self.engine.close_session(self.session_id)
         self.playout.stop()
         await self.pc.close()
-        self.closed.set()
         await self._on_closed(self)
 
 

@@ -113,10 +113,6 @@ class MediaClock:
         return wall_s - self.offset
 
 
-def turn_of_sample(position: int) -> int:
-    return position // MICRO_TURN_SAMPLES
-
-
 def turn_end_seconds(turn: int) -> float:
     """Media time at which micro-turn ``turn`` ends."""
     return (turn + 1) * MICRO_TURN_SAMPLES / SAMPLE_RATE

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 
 class TokenError(Exception):
-    """A token is missing, malformed, forged, expired, or for another session or scope."""
+    """A token is missing, malformed, forged, expired, or for another session or scope.
+
+    ``forbidden`` marks a genuine token that does not allow this call (another session, another scope): HTTP 403
+    rather than 401.
+    """
+
+    def __init__(self, message: str, forbidden: bool = False) -> None:
+        super().__init__(message)
+        self.forbidden = forbidden
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class TokenSigner:
         if claims.exp < (time.time() if now is None else now):
             raise TokenError("token has expired")
         if claims.sid != sid:
-            raise TokenError("token is for another session")
+            raise TokenError("token is for another session", forbidden=True)
         if claims.scope != scope:
-            raise TokenError(f"token scope is {claims.scope!r}, not {scope!r}")
+            raise TokenError(f"token scope is {claims.scope!r}, not {scope!r}", forbidden=True)
         return claims
