@@ -29,28 +29,38 @@ from webrtc_gateway.ice import use_host_addresses
 MICRO_TURN_S = 0.2
 
 
-def impulse_train(seconds: float, rng: random.Random) -> tuple[np.ndarray, list[float]]:
+def clicks(seconds: float, times: list[float]) -> np.ndarray:
+    """Silence with a 1 ms click at each of ``times`` (s), 48 kHz."""
     signal = np.zeros(int(seconds * RATE), np.float32)
+    for t in times:
+        i = int(t * RATE)
+        signal[i:i + 48] = 0.8
+    return signal
+
+
+def impulse_train(seconds: float, rng: random.Random) -> tuple[np.ndarray, list[float]]:
+    """Clicks about two a second at random offsets within micro-turns, and their times."""
     times, t = [], 0.6 + rng.uniform(0, 0.2)
     while t < seconds - 0.6:
         times.append(t)
-        i = int(t * RATE)
-        signal[i:i + 48] = 0.8
         t += 0.5 + rng.uniform(0, 0.2)
-    return signal, times
+    return clicks(seconds, times), times
+
+
+def returned_at(out: np.ndarray, sent: float) -> float | None:
+    """When the click sent at ``sent`` came back in ``out`` (searched 0.1–0.5 s later), or None if it did not."""
+    lo, hi = int((sent + 0.1) * RATE), int((sent + 0.5) * RATE)
+    window = np.abs(out[lo:hi])
+    if window.size == 0 or window.max() < 0.2:
+        return None
+    return (lo + int(np.argmax(window))) / RATE
 
 
 def measure(out: np.ndarray, times: list[float]) -> tuple[list[float], int]:
     """Added latency (s) of each returned impulse, and how many never came back."""
-    added, lost = [], 0
-    for t in times:
-        lo, hi = int((t + 0.1) * RATE), int((t + 0.5) * RATE)
-        window = np.abs(out[lo:hi])
-        if window.size == 0 or window.max() < 0.2:
-            lost += 1
-            continue
-        added.append((lo + int(np.argmax(window))) / RATE - t - MICRO_TURN_S)
-    return added, lost
+    back = [(t, returned_at(out, t)) for t in times]
+    added = [r - t - MICRO_TURN_S for t, r in back if r is not None]
+    return added, len(times) - len(added)
 
 
 async def _one_session(url: str, seconds: float, video: bool, seed: int) -> dict[str, Any]:

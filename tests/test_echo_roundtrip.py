@@ -7,26 +7,11 @@ import asyncio
 import numpy as np
 from aiohttp.test_utils import TestServer
 
+from microturn.bench_gateway import clicks, returned_at
 from microturn.client import RATE, ProbeClient
 from webrtc_gateway.resample import Decimator, Interpolator
 
 MICRO_TURN_S = 0.2
-
-
-def clicks(seconds: float, times: list[float]) -> np.ndarray:
-    signal = np.zeros(int(seconds * RATE), np.float32)
-    for t in times:
-        i = int(t * RATE)
-        signal[i:i + 48] = 0.8  # a 1 ms click
-    return signal
-
-
-def returned_at(out: np.ndarray, sent: float) -> float | None:
-    lo, hi = int((sent + 0.1) * RATE), int((sent + 0.5) * RATE)
-    window = np.abs(out[lo:hi])
-    if window.max() < 0.2:
-        return None
-    return (lo + int(np.argmax(window))) / RATE
 
 
 async def run(client: ProbeClient, seconds: float) -> np.ndarray:
