@@ -21,18 +21,24 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from microturn.contracts import MICRO_TURN_MS, MicroTurn, MicroTurnOutput, ModelBackend
+from microturn.contracts import (
+    MICRO_TURN_MS,
+    MicroTurn,
+    MicroTurnOutput,
+    ModelBackend,
+    SessionClosed,
+    TurnNotStepped,
+)
+from microturn.histogram import BATCH_BUCKETS, SECONDS_BUCKETS, Histogram
+
+__all__ = ["Engine", "EngineStats", "SessionClosed", "TurnNotStepped"]
 
 log = logging.getLogger(__name__)
 
 
-class SessionClosed(Exception):
-    """The session was closed while one of its micro-turns was waiting."""
-
-
 @dataclass
 class EngineStats:
-    """Counters the engine keeps; read by ``/metrics`` and the benchmarks."""
+    """Counters the engine keeps; read by ``/metrics`` (the histograms) and the benchmarks (the recent values)."""
 
     ticks: int = 0
     micro_turns: int = 0
@@ -40,6 +46,9 @@ class EngineStats:
     tick_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
     wait_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # submit → batch start
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+    tick_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    wait_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
+    batch_hist: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
 
 
 @dataclass
@@ -133,7 +142,7 @@ class Engine:
                     log.exception("engine tick failed for %d micro-turns", len(batch))
                     for p in batch:
                         if not p.future.done():
-                            p.future.set_exception(exc)
+                            p.future.set_exception(TurnNotStepped(f"model error: {type(exc).__name__}: {exc}"))
                 else:
                     for p, out in zip(batch, outputs, strict=True):
                         if not p.future.done():
@@ -147,10 +156,13 @@ class Engine:
         s.ticks += 1
         s.micro_turns += len(batch)
         s.tick_seconds.append(end - start)
+        s.tick_hist.observe(end - start)
         s.batch_sizes.append(len(batch))
+        s.batch_hist.observe(len(batch))
         oldest = min(p.submitted for p in batch)
         for p in batch:
             s.wait_seconds.append(start - p.submitted)
+            s.wait_hist.observe(start - p.submitted)
         if end - oldest > self.tick_budget:
             s.late_ticks += 1
             log.warning("late tick: %d micro-turns took %.0f ms from submit (budget %.0f ms)",

@@ -115,6 +115,10 @@ class ReferenceModel:
     def from_checkpoint(cls, path: Path, device: str = "cpu") -> ReferenceModel:
         return cls(load_checkpoint(path, device))
 
+    def kv_cache_bytes(self) -> int:
+        """Memory the KV pool holds now (all its slots, open or not): what ``/metrics`` reports."""
+        return int(self.pool.k.nbytes + self.pool.v.nbytes + self.pool.pos.nbytes)
+
     # sessions
 
     def open(self, session_id: str, seed: int) -> None:

@@ -1,8 +1,9 @@
 """The ``microturn`` command line.
 
-``microturn serve`` runs the all-in-one gateway; ``microturn probe`` is a browser-like client; ``microturn bench``
-measures; ``microturn model`` makes checkpoints. Every ``serve`` flag can also be set by a ``MICROTURN_*``
-environment variable (see :mod:`microturn.config`).
+``microturn serve`` runs the gateway (all-in-one, or in front of ``microturn worker`` processes, which host the
+engine); ``microturn probe`` is a browser-like client; ``microturn bench`` measures; ``microturn model`` makes
+checkpoints. Every ``serve`` and ``worker`` flag can also be set by a ``MICROTURN_*`` environment variable (see
+:mod:`microturn.config`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import os
 import sys
 from pathlib import Path
+
+from microturn import logs
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,12 +29,33 @@ def _serve(args: argparse.Namespace) -> int:
         ice_servers=tuple(args.ice_servers.split(",")) if args.ice_servers else None,
         ice_host_addresses=tuple(args.ice_host.split(",")) if args.ice_host else None,
         api_keys=tuple(args.api_keys.split(",")) if args.api_keys else None,
-        drain_timeout_s=args.drain_timeout, log_level=args.log_level,
+        turn_urls=tuple(args.turn_urls.split(",")) if args.turn_urls else None, turn_secret=args.turn_secret,
+        drain_timeout_s=args.drain_timeout, log_level=args.log_level, log_format=args.log_format,
+        workers=tuple(args.workers.split(",")) if args.workers else None, worker_token=args.worker_token,
+        max_session_s=args.max_session_s,
     )
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"microturn: serving model {settings.model!r} on http://{settings.host}:{settings.port}/",
-          file=sys.stderr, flush=True)
+    logs.configure(settings.log_level, settings.log_format)
+    where = f"workers {', '.join(settings.workers)}" if settings.workers else f"model {settings.model!r} in-process"
+    print(f"microturn: serving {where} on http://{settings.host}:{settings.port}/", file=sys.stderr, flush=True)
     asyncio.run(run(settings))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from inference.worker import run_worker
+    from microturn.config import Settings
+
+    settings = Settings.from_env(
+        host=args.host, port=args.port, model=args.model, checkpoint=args.checkpoint, device=args.device,
+        worker_token=args.worker_token, worker_id=args.worker_id, worker_capacity=args.capacity,
+        drain_timeout_s=args.drain_timeout, log_level=args.log_level, log_format=args.log_format,
+    )
+    if args.port is None and "MICROTURN_PORT" not in os.environ:
+        settings = settings.replace(port=8090)
+    logs.configure(settings.log_level, settings.log_format)
+    print(f"microturn: worker {settings.worker_id} serving model {settings.model!r} on "
+          f"ws://{settings.host}:{settings.port}/v1/worker", file=sys.stderr, flush=True)
+    asyncio.run(run_worker(settings))
     return 0
 
 
@@ -45,7 +69,8 @@ def _probe(args: argparse.Namespace) -> int:
             raise SystemExit(f"--text wants TEXT@SECONDS, got {item!r}")
         texts.append((text, float(at)))
     result = asyncio.run(run_probe(args.url, args.inp, args.out, video=args.video, texts=texts,
-                                   tail_s=args.tail, loss=args.loss, ice_host=args.ice_host))
+                                   tail_s=args.tail, loss=args.loss, ice_host=args.ice_host,
+                                   relay_only=args.relay_only))
     print(json.dumps(result))
     return 0 if not result["errors"] else 1
 
@@ -57,6 +82,11 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench_background(sessions=args.sessions, seconds=args.seconds,
                                   model=args.model or "reference",
                                   preset=args.preset, spin_s=args.spin, workers=args.workers)
+    elif args.what == "cluster":
+        from microturn.bench_cluster import bench_cluster
+
+        result = bench_cluster(workers=args.workers or 2, sessions=args.sessions, seconds=args.seconds,
+                               model=args.model or "echo", video=not args.no_video)
     elif args.what == "failover":
         from microturn.bench_failover import bench_failover
 
@@ -98,10 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-origins", help="comma-separated browser origins allowed to call the API")
     serve.add_argument("--ice-servers", help="comma-separated STUN/TURN URLs handed to browsers")
     serve.add_argument("--ice-host", help="comma-separated local addresses to offer as ICE host candidates")
+    serve.add_argument("--turn-urls", help="comma-separated turn:/turns: URLs handed to browsers with per-session "
+                       "credentials (needs --turn-secret)")
+    serve.add_argument("--turn-secret", help="the TURN server's static-auth-secret (coturn use-auth-secret); "
+                       "better from MICROTURN_TURN_SECRET than on the command line")
     serve.add_argument("--api-keys", help="comma-separated keys that may create sessions (default: open, dev mode)")
     serve.add_argument("--drain-timeout", type=float, help="seconds live sessions may go on after SIGTERM")
+    serve.add_argument("--max-session-s", type=float, help="sessions end after this many seconds (1800)")
+    serve.add_argument("--workers", help="comma-separated ws://HOST:PORT/v1/worker URLs of inference workers "
+                       "(a name that resolves to several addresses is several workers); default: in-process engine")
+    serve.add_argument("--worker-token", help="shared secret the workers expect (better: MICROTURN_WORKER_TOKEN)")
     serve.add_argument("--log-level")
+    serve.add_argument("--log-format", choices=["text", "json"])
     serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="run an inference worker that gateways reach with --workers")
+    worker.add_argument("--host")
+    worker.add_argument("--port", type=int, help="default 8090")
+    worker.add_argument("--model", choices=["echo", "tally", "reference"])
+    worker.add_argument("--checkpoint", type=Path, help="checkpoint folder for --model reference")
+    worker.add_argument("--device", help="torch device for the model (cpu, cuda)")
+    worker.add_argument("--capacity", type=int, help="sessions this worker takes at most")
+    worker.add_argument("--worker-id", help="this worker's name in metrics, logs and the session store")
+    worker.add_argument("--worker-token", help="shared secret gateways must show (better: MICROTURN_WORKER_TOKEN)")
+    worker.add_argument("--drain-timeout", type=float, help="seconds to wait for gateways to move sessions away "
+                        "after SIGTERM")
+    worker.add_argument("--log-level")
+    worker.add_argument("--log-format", choices=["text", "json"])
+    worker.set_defaults(func=_worker)
 
     probe = sub.add_parser("probe", help="stream a WAV to a gateway like a browser and record the reply")
     probe.add_argument("url", nargs="+", help="gateway base URL(s), e.g. http://127.0.0.1:8080; with more than "
@@ -114,23 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--loss", type=float, default=0.0, help="fraction of uplink audio packets to drop")
     probe.add_argument("--ice-host", help="local address for ICE host candidates (default: loopback for a "
                        "loopback URL, else every interface)")
+    probe.add_argument("--relay-only", action="store_true", help="ICE through the TURN server of the gateway's "
+                       "grant only (relay candidates), as a browser behind a strict firewall")
     probe.set_defaults(func=_probe)
 
     bench = sub.add_parser("bench", help="measure the gateway or the engine; prints JSON")
-    bench.add_argument("what", choices=["gateway", "engine", "failover", "background"])
+    bench.add_argument("what", choices=["gateway", "engine", "failover", "background", "cluster"])
     bench.add_argument("--trials", type=int, default=20, help="failover: kill-and-resume trials")
     bench.add_argument("--sessions", type=int, default=1)
     bench.add_argument("--seconds", type=float, default=20.0)
     bench.add_argument("--video", action="store_true", help="gateway: clients also send video")
     bench.add_argument("--processes", type=int, default=2, help="gateway: load-client processes")
-    bench.add_argument("--model", help="gateway: the model the gateway serves (echo); background: reference "
+    bench.add_argument("--model", help="gateway: the model the gateway serves (echo); cluster: the workers' (echo); "
+                       "background: reference "
                        "(random tiny weights, the default) or echo")
     bench.add_argument("--checkpoint", type=Path, help="gateway: checkpoint for --model reference")
     bench.add_argument("--preset", default="tiny", help="engine: model preset")
     bench.add_argument("--device", default="cpu", help="engine: torch device")
     bench.add_argument("--spin", type=float, default=1.0, help="background: seconds of CPU each task spins")
     bench.add_argument("--workers", type=int, help="background: worker processes at once (default: the gateway's, "
-                       "cores − 1)")
+                       "cores − 1); cluster: inference worker processes (2)")
+    bench.add_argument("--no-video", action="store_true", help="cluster: micro-turns without a video frame")
     bench.add_argument("--json", action="store_true", help="one line of JSON")
     bench.set_defaults(func=_bench)
 

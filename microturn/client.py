@@ -9,7 +9,9 @@ optionally a camera track), opens the ``microturn`` data channel, and records wh
   choose;
 - every data-channel message, with its arrival time on the same clock.
 
-Like the gateway, it hands inbound audio to the decoder without aiortc's 80 ms jitter buffer.
+Like the gateway, it hands inbound audio to the decoder without aiortc's 80 ms jitter buffer. Like a browser, it
+uses the ICE servers of the gateway's grant (STUN, and TURN with the per-session credential); ``relay_only`` makes it
+offer only TURN relay candidates (``iceTransportPolicy: "relay"``), as a browser behind a strict firewall would.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCIceTransportPolicy,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 from aiortc.rtp import RtpPacket
 
@@ -99,11 +107,13 @@ class ProbeClient:
 
     With ``fallback_urls``, the client resumes the session on the next URL when its connection fails (no audio
     for ``stall_s``) or the gateway asks it to move, like the widget does; ``resumes`` and ``resume_gaps`` (s,
-    last frame before the failure to the first frame after) say how it went.
+    last frame before the failure to the first frame after) say how it went. With ``relay_only``, ICE uses only
+    relay candidates from the TURN server the grant names (a grant without one is an error).
     """
 
     def __init__(self, base_url: str, signal: np.ndarray, picture: np.ndarray | None = None,
-                 loss: float = 0.0, seed: int = 0, fallback_urls: tuple[str, ...] = (), stall_s: float = 0.6) -> None:
+                 loss: float = 0.0, seed: int = 0, fallback_urls: tuple[str, ...] = (), stall_s: float = 0.6,
+                 relay_only: bool = False) -> None:
         audio_level.install()
         self.urls = [u.rstrip("/") for u in (base_url, *fallback_urls)]
         self.base_url = self.urls[0]
@@ -120,7 +130,9 @@ class ProbeClient:
         self.resume_gaps: list[float] = []
         self.received = Received()
         self.errors: list[str] = []
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.relay_only = relay_only
+        self.ice_servers: list[RTCIceServer] = []  # from the latest grant
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # replaced once a grant names the ICE servers
         self.channel = self.pc.createDataChannel("microturn")
         self.channel_open = asyncio.Event()
         self._connection = 0
@@ -145,6 +157,7 @@ class ProbeClient:
             if resp.status != 201:
                 raise RuntimeError(f"session refused: {resp.status} {body}")
         self._take_grant(body)
+        await self._new_peer()
         await self._negotiate()
         if len(self.urls) > 1:
             self._tasks.append(asyncio.ensure_future(self._keep_alive()))
@@ -152,6 +165,29 @@ class ProbeClient:
     def _take_grant(self, grant: dict[str, Any]) -> None:
         self.session_id, self.token = grant["session_id"], grant["token"]
         self.resume_token = grant.get("resume_token", "")
+        self.ice_servers = [RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+                            for s in grant.get("ice_servers", [])]
+        if self.relay_only and not any(str(url).startswith("turn") for s in self.ice_servers
+                                       for url in (s.urls if isinstance(s.urls, list) else [s.urls])):
+            raise RuntimeError("relay-only ICE needs a TURN server, and the gateway's grant names none (turn_urls)")
+
+    async def _new_peer(self) -> None:
+        """Replace the peer connection (and its data channel) with one using the ICE servers of the latest grant."""
+        old = self.pc
+        policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers, iceTransportPolicy=policy))
+        self.channel = self.pc.createDataChannel("microturn")
+        self.channel_open = asyncio.Event()
+        await old.close()
+
+    def selected_candidates(self) -> tuple[str, str] | None:
+        """The candidate types (``host``, ``srflx``, ``relay``, …) of the selected ICE pair: (local, remote)."""
+        senders = self.pc.getSenders()
+        transport = senders[0].transport if senders else None
+        if transport is None:
+            return None
+        pair = transport.transport._connection._nominated.get(1)  # aioice has no public accessor for it
+        return None if pair is None else (pair.local_candidate.type, pair.remote_candidate.type)
 
     def last_turn(self) -> int:
         """The last micro-turn whose caption or event arrived."""
@@ -167,13 +203,9 @@ class ProbeClient:
             if resp.status != 200:
                 raise RuntimeError(f"resume refused: {resp.status} {body}")
         self._take_grant(body)
-        old = self.pc
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.channel = self.pc.createDataChannel("microturn")
-        self.channel_open = asyncio.Event()
         self.mic = SignalTrack(self.signal, start=self.mic.start)
         self._connection += 1
-        await old.close()
+        await self._new_peer()
         await self._negotiate()
         self.resumes += 1
 
@@ -207,6 +239,8 @@ class ProbeClient:
         self.channel.on("open", self.channel_open.set)
         self.channel.on("message", self._on_message)
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        if self.relay_only and "a=candidate" not in self.pc.localDescription.sdp:
+            raise RuntimeError("no relay candidate: the TURN server refused the credential or did not answer")
         async with self._http.post(f"{self.base_url}/v1/sessions/{self.session_id}/offer", headers=self.headers,
                                    json={"type": "offer", "sdp": self.pc.localDescription.sdp}) as resp:
             answer = await resp.json()
@@ -302,3 +336,8 @@ class ProbeClient:
 
     def captions(self) -> list[dict[str, Any]]:
         return [m for _, m in self.received.messages if m.get("type") == "caption"]
+
+    def longest_caption_gap(self) -> float:
+        """The longest time (s) between two captions arriving; 0 with fewer than two."""
+        times = [t for t, m in self.received.messages if m.get("type") == "caption"]
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)

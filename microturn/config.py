@@ -52,7 +52,16 @@ class Settings:
     background_workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))
     background_max_tasks: int = 2  # background tasks a session may have queued or running at once
     background_timeout_s: float = 60.0  # a background task running longer is stopped and fails
+    max_session_s: float = 1800.0  # a session older than this is ended (so a drain never has to wait longer)
+    workers: tuple[str, ...] = ()  # ws://HOST:PORT/v1/worker URLs of inference workers; empty: in-process engine
+    worker_token: str = field(default="", repr=False)  # shared secret gateways show workers; empty: dev mode, open
+    worker_id: str = field(default_factory=lambda: "wk-" + secrets.token_hex(4))  # this worker's name (worker only)
+    worker_capacity: int = 32  # sessions this worker takes at most (worker only)
+    turn_urls: tuple[str, ...] = ()  # turn:HOST:PORT?transport=udp URLs handed to browsers with per-session credentials
+    turn_secret: str = field(default="", repr=False)  # coturn's static-auth-secret (use-auth-secret REST credentials)
+    turn_ttl_s: int = 3600  # how long a minted TURN credential is valid
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line, with the session id when there is one)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -13,7 +13,10 @@ whose sides are multiples of :data:`PATCH`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
 
 import numpy as np
 
@@ -130,3 +133,32 @@ class ModelBackend(Protocol):
     def restore(self, session_id: str, seed: int, history: list[bytes]) -> None: ...
 
     def close(self, session_id: str) -> None: ...
+
+
+class MicroTurnEngine(Protocol):
+    """What the gateway drives: an engine in this process (:class:`inference.engine.Engine`) or remote inference
+    workers (:class:`webrtc_gateway.workers.RemoteEngine`). All methods are called on the event loop."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def open_session(self, session_id: str, seed: int = 0, history: list[bytes] | None = None) -> None:
+        """Open a session; with ``history`` (its micro-turns' context records) rebuild it where it left off."""
+        ...
+
+    def submit(self, turn: MicroTurn) -> asyncio.Future[MicroTurnOutput]:
+        """Queue a micro-turn without blocking; the future gives its output, or fails with
+        :class:`SessionClosed` (the session was closed) or :class:`TurnNotStepped` (it could not be stepped)."""
+        ...
+
+    async def close_session(self, session_id: str) -> None: ...
+
+
+class SessionClosed(Exception):
+    """The session was closed while one of its micro-turns was waiting."""
+
+
+class TurnNotStepped(Exception):
+    """A micro-turn the engine could not step (no worker available, worker overloaded, model error): the session
+    goes on, this micro-turn produces nothing, and the model's context does not include it."""

@@ -1,6 +1,6 @@
 """Running microturn's own processes on this machine: free ports, starting a gateway, waiting for it.
 
-Used by the benchmarks and the tests, which start real gateway (and Redis) processes on loopback.
+Used by the benchmarks and the tests, which start real gateway, worker (and Redis) processes on loopback.
 """
 
 from __future__ import annotations
@@ -40,6 +40,20 @@ def serve(port: int, *args: str, gateway_id: str | None = None) -> subprocess.Po
     proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", "serve", "--port", str(port),
                              "--ice-host", "127.0.0.1", "--log-level", "WARNING", *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/livez", proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def worker(port: int, *args: str, worker_id: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``microturn worker`` on loopback and wait until it is live."""
+    extra = ["--worker-id", worker_id] if worker_id else []
+    proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", "worker", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "WARNING", *extra, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/livez", proc)
     except BaseException:

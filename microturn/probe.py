@@ -71,17 +71,22 @@ def is_loopback(url: str) -> bool:
 
 async def run_probe(urls: list[str], inp: Path, out: Path, video: Path | None = None,
                     texts: list[tuple[str, float]] | None = None, tail_s: float = 1.0, loss: float = 0.0,
-                    ice_host: str | None = None) -> dict[str, Any]:
+                    ice_host: str | None = None, relay_only: bool = False) -> dict[str, Any]:
     """Run one probe session; returns ``session_id, micro_turns_sent, audio_in_seconds, audio_out_seconds,
-    first_output_ms, captions, errors, resumes, resume_gap_ms`` (and ``dropped_packets`` when ``loss`` is set).
-    With more than one URL, the session resumes on the next one whenever its connection fails."""
+    first_output_ms, captions, errors, resumes, resume_gap_ms, caption_gap_ms`` (the longest wait between two
+    captions: a session moved to another inference worker shows up here, not as a resume), ``ice_candidates`` (the
+    selected pair's local and remote candidate types), and ``dropped_packets`` when ``loss`` is set. With more than
+    one URL, the session resumes on the next one whenever its connection fails. ``relay_only``: ICE through the
+    gateway's TURN server only.
+    """
     use_host_addresses([ice_host] if ice_host else (["127.0.0.1"] if is_loopback(urls[0]) else []))
     signal = read_audio(inp)
     seconds = len(signal) / RATE
     client = ProbeClient(urls[0], signal, picture=read_picture(video) if video else None, loss=loss,
-                         fallback_urls=tuple(urls[1:]))
+                         fallback_urls=tuple(urls[1:]), relay_only=relay_only)
     errors: list[str] = []
     state: dict[str, Any] = {}
+    pair: tuple[str, str] | None = None
     try:
         await client.connect()
         print(f"probe: session {client.session_id}, streaming {seconds:.1f} s", file=sys.stderr)
@@ -90,6 +95,7 @@ async def run_probe(urls: list[str], inp: Path, out: Path, video: Path | None = 
             client.send({"type": "text", "text": text})
         await asyncio.sleep(max(0.0, seconds + tail_s - client.now()))
         state = await client.state()
+        pair = client.selected_candidates()
     except Exception as exc:  # the JSON line reports it; the exit status says it failed
         errors.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -106,6 +112,8 @@ async def run_probe(urls: list[str], inp: Path, out: Path, video: Path | None = 
         "errors": errors + client.errors,
         "resumes": client.resumes,
         "resume_gap_ms": [round(gap * 1000, 1) for gap in client.resume_gaps],
+        "caption_gap_ms": round(client.longest_caption_gap() * 1000, 1),
+        "ice_candidates": list(pair) if pair else None,
     }
     captions = [c["turn"] for c in client.captions()]
     if len(captions) != len(set(captions)):

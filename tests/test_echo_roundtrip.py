@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import numpy as np
 from aiohttp.test_utils import TestServer
 
 from microturn.bench_gateway import clicks, returned_at
 from microturn.client import RATE, ProbeClient
+from tests.conftest import loopback_settings, start_gateway
 from webrtc_gateway.resample import Decimator, Interpolator
 
 MICRO_TURN_S = 0.2
@@ -90,3 +92,20 @@ async def test_uplink_packet_loss_leaves_the_timeline_aligned(gateway: TestServe
     # frames (an underrun, then silence skipped), so two frames of spread are allowed.
     assert np.ptp(overheads) < 0.045, overheads
     assert state["micro_turns"] >= 24
+
+
+async def test_a_session_ends_at_its_maximum_length() -> None:
+    server = await start_gateway(loopback_settings(max_session_s=1.5))
+    client = ProbeClient(str(server.make_url("/")), np.zeros(4 * RATE, np.float32))
+    try:
+        await client.connect()
+        await asyncio.sleep(3.0)
+        errors = [m for _, m in client.received.messages if m.get("type") == "error"]
+        async with aiohttp.ClientSession() as http, http.get(
+                server.make_url(f"/v1/sessions/{client.session_id}"), headers=client.headers) as resp:
+            status = resp.status
+    finally:
+        await client.close()
+        await server.close()
+    assert [e["code"] for e in errors] == ["session_expired"]
+    assert status == 404  # ended, and its state deleted

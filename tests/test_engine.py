@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from inference.echo import EchoModel
-from inference.engine import Engine, SessionClosed
+from inference.engine import Engine, SessionClosed, TurnNotStepped
 from microturn.contracts import MicroTurn, MicroTurnOutput
 
 
@@ -93,7 +93,7 @@ async def test_backend_failure_fails_the_batch_not_the_engine() -> None:
     engine = Engine(Flaky())
     await engine.start()
     await engine.open_session("a")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TurnNotStepped, match="boom"):
         await engine.submit(turn("a", 0))
     out = await engine.submit(turn("a", 1))
     assert out.index == 1

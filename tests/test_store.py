@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -11,7 +16,7 @@ import redis.asyncio as aioredis
 
 from microturn.client import RATE, ProbeClient
 from microturn.contracts import SessionRecord
-from tests.conftest import loopback_settings, start_gateway
+from tests.conftest import free_port, loopback_settings, start_gateway
 from webrtc_gateway.store import MemorySessionStore, RedisSessionStore, StoreUnavailable, record_key
 
 
@@ -81,3 +86,47 @@ async def test_new_sessions_get_503_when_redis_is_down() -> None:
             assert resp.headers["Retry-After"]
     finally:
         await server.close()
+
+
+async def test_redis_with_sentinel_finds_the_master(tmp_path: Path) -> None:
+    """``redis+sentinel://`` asks a real sentinel which server is the master, and the store works through it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    workdir = tmp_path
+    master, sentinel = free_port(), free_port()
+    conf = workdir / "sentinel.conf"
+    conf.write_text(f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master} 1\n")
+    procs = [subprocess.Popen([binary, "--port", str(master), "--bind", "127.0.0.1", "--save", "", "--dir",
+                               str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for port in (master, sentinel):
+            deadline = time.time() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    assert time.time() < deadline, f"redis on {port} did not start"
+                    await asyncio.sleep(0.05)
+        store = RedisSessionStore(f"redis+sentinel://127.0.0.1:{sentinel}/mymaster/0", ttl_s=30)
+        try:
+            await store.put(record("via-sentinel"))
+            await store.set_worker("via-sentinel", "wk-9")
+            assert await store.get("via-sentinel") == record("via-sentinel")
+            assert await store.worker_of("via-sentinel") == "wk-9"
+        finally:
+            await store.close()
+        direct = aioredis.Redis.from_url(f"redis://127.0.0.1:{master}/0")
+        assert await direct.exists(record_key("via-sentinel")) == 1  # it really went to the master
+        await direct.aclose()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_a_sentinel_url_without_a_master_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="name the master"):
+        RedisSessionStore("redis+sentinel://127.0.0.1:26379")

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from inference.background.runner import TooManyTasks
 from microturn.config import Settings
+from webrtc_gateway import turn
 from webrtc_gateway.background import MAX_REQUEST_CHARS, TaskFinished, UnknownTask
 from webrtc_gateway.gateway import (
     AlreadyConnected,
@@ -41,6 +42,7 @@ from webrtc_gateway.gateway import (
 from webrtc_gateway.session import GatewaySession, OfferError
 from webrtc_gateway.store import StoreUnavailable
 from webrtc_gateway.tokens import TokenError
+from webrtc_gateway.workers import RemoteEngine, WorkerUnavailable
 
 GATEWAY = web.AppKey("gateway", Gateway)
 SETTINGS = web.AppKey("settings", Settings)
@@ -88,6 +90,8 @@ async def origin_and_errors(request: web.Request, handler: Handler) -> web.Strea
     except StoreUnavailable as exc:
         response = error(503, "store_unavailable", f"session state is unavailable: {exc}",
                          {"Retry-After": "2"})
+    except WorkerUnavailable as exc:
+        response = error(503, "no_worker", str(exc), {"Retry-After": "2"})
     response.headers.update(cors)
     return response
 
@@ -215,12 +219,15 @@ async def create_session(request: web.Request) -> web.Response:
 def _grant_response(request: web.Request, grant: Grant, status: int) -> web.Response:
     settings = request.app[SETTINGS]
     sid = grant.record.session_id
+    ice_servers: list[dict[str, Any]] = [{"urls": [url]} for url in settings.ice_servers]
+    if settings.turn_urls:  # a fresh time-limited credential per grant (a resume gets a new one)
+        ice_servers.append(turn.ice_server(settings, sid))
     return web.json_response({
         "session_id": sid,
         "token": grant.token,
         "expires_in": settings.token_ttl_s,
         "resume_token": grant.resume_token,
-        "ice_servers": [{"urls": [url]} for url in settings.ice_servers],
+        "ice_servers": ice_servers,
         "offer_url": f"/v1/sessions/{sid}/offer",
         "resume_url": f"/v1/sessions/{sid}/resume",
         "micro_turn_ms": 200,
@@ -313,6 +320,8 @@ async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     if gateway.draining:
         return web.json_response({"status": "draining", "sessions": gateway.session_count}, status=503)
+    if isinstance(gateway.engine, RemoteEngine) and not gateway.engine.up():
+        return web.json_response({"status": "no_worker", "sessions": gateway.session_count}, status=503)
     return web.json_response({"status": "ready", "sessions": gateway.session_count})
 
 

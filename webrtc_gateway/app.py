@@ -2,8 +2,9 @@
 
 Process layout (all in one process in the embedded default): the aiohttp event loop runs signalling, the data
 channels and aiortc's media I/O; aiortc decodes audio in its own decoder threads; the engine steps the model in its
-own tick thread (:mod:`inference.engine`). Handlers only enqueue. Resources are opened in ``cleanup_ctx`` and closed
-in reverse order; live peers are closed first on shutdown.
+own tick thread (:mod:`inference.engine`). With ``--workers`` the model runs in ``microturn worker`` processes
+instead, reached over WebSockets (:mod:`webrtc_gateway.workers`). Handlers only enqueue. Resources are opened in
+``cleanup_ctx`` and closed in reverse order; live peers are closed first on shutdown.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from aiohttp import web
 from inference.engine import Engine
 from inference.models import load_backend
 from microturn.config import Settings
-from webrtc_gateway import api, audio_level, metrics
+from microturn.contracts import MicroTurnEngine
+from webrtc_gateway import api, audio_level, metrics, turn
 from webrtc_gateway.gateway import Gateway
 from webrtc_gateway.ice import use_host_addresses
 from webrtc_gateway.store import MemorySessionStore, RedisSessionStore, SessionStore
+from webrtc_gateway.workers import RemoteEngine
 
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
-ENGINE = web.AppKey("engine", Engine)
+ENGINE = web.AppKey("engine", MicroTurnEngine)
+STORE = web.AppKey("store", SessionStore)
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 WIDGET_FILES = {  # what /widget/ serves, and as which type
     "microturn-widget.js": "text/javascript",
@@ -70,11 +74,23 @@ async def metrics_page(request: web.Request) -> web.Response:
                         headers={"X-Content-Type-Options": "nosniff"})
 
 
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = make_store(app[api.SETTINGS])
+    app[STORE] = store
+    yield
+    await store.close()
+
+
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The in-process engine, or with ``--workers`` the remote workers behind the same interface."""
     settings = app[api.SETTINGS]
-    backend = await asyncio.get_running_loop().run_in_executor(
-        None, load_backend, settings.model, settings.checkpoint, settings.device)
-    engine = Engine(backend, tick_budget_ms=settings.tick_budget_ms)
+    engine: MicroTurnEngine
+    if settings.workers:
+        engine = RemoteEngine(settings.workers, settings.worker_token, app[STORE])
+    else:
+        backend = await asyncio.get_running_loop().run_in_executor(
+            None, load_backend, settings.model, settings.checkpoint, settings.device)
+        engine = Engine(backend, tick_budget_ms=settings.tick_budget_ms)
     await engine.start()
     app[ENGINE] = engine
     yield
@@ -83,7 +99,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[api.SETTINGS]
-    store = make_store(settings)
+    store = app[STORE]
     gateway = Gateway(settings, app[ENGINE], store)
     app[api.GATEWAY] = gateway
 
@@ -100,7 +116,6 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         await expiry
     await gateway.close_all()
     await gateway.log.stop()
-    await store.close()
 
 
 async def _close_peers(app: web.Application) -> None:
@@ -124,13 +139,14 @@ async def run(settings: Settings) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application for ``settings``."""
+    turn.check_settings(settings)  # TURN URLs without the secret that signs their credentials: refuse to start
     use_host_addresses(settings.ice_host_addresses)
     audio_level.install()
     app = web.Application(middlewares=[api.origin_and_errors], client_max_size=max(settings.max_sdp_bytes, 65536))
     app[api.SETTINGS] = settings
     app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(WEB_ROOT / "templates"),
                                         autoescape=True)
-    app.cleanup_ctx.extend([_engine_ctx, _gateway_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _engine_ctx, _gateway_ctx])
     app.on_shutdown.append(_close_peers)
     api.add_routes(app)
     app.router.add_get("/", demo_page)

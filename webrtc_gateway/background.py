@@ -135,6 +135,10 @@ class SessionBackground:
         self._queue.clear()
         return items
 
+    def give_back(self, items: list[BackgroundItem]) -> None:
+        """Items whose micro-turn was never stepped: they go out again with the next one."""
+        self._queue.extendleft(reversed(items))
+
     # -- persistence ------------------------------------------------------------------------------------------
 
     async def run_writer(self) -> None:

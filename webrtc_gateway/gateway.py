@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from inference.background.reasoner import ReasonerSpec
 from inference.background.runner import BackgroundRunner
 from inference.background.tools import ToolConfig
-from inference.engine import Engine
 from microturn.config import Settings
-from microturn.contracts import MICRO_TURN_MS, SessionRecord
+from microturn.contracts import MICRO_TURN_MS, MicroTurnEngine, SessionRecord
+from microturn.histogram import SECONDS_BUCKETS, Histogram
 from webrtc_gateway.background import SessionBackground
 from webrtc_gateway.conversation_log import ConversationLog
 from webrtc_gateway.session import GatewaySession, ResumePlan
@@ -81,12 +81,13 @@ class Totals:
     late_micro_turns: int = 0
     frames_out: int = 0
     underrun_frames: int = 0
+    turns_not_stepped: int = 0
 
 
 class Gateway:
     """All sessions of this gateway process."""
 
-    def __init__(self, settings: Settings, engine: Engine, store: SessionStore) -> None:
+    def __init__(self, settings: Settings, engine: MicroTurnEngine, store: SessionStore) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
@@ -94,6 +95,7 @@ class Gateway:
         self.pending: dict[str, Pending] = {}  # created or resumed here, no offer yet
         self.live: dict[str, GatewaySession] = {}
         self.totals = Totals()
+        self.turn_latency = Histogram(SECONDS_BUCKETS)  # micro-turn submitted → output back, all sessions
         self.draining = False
         self.log = ConversationLog(store, settings.gateway_id, self._moved)
         self.runner = BackgroundRunner(reasoner_spec(settings), workers=settings.background_workers,
@@ -182,7 +184,7 @@ class Gateway:
         if pending.resume_from_turn is not None:
             plan = await self._resume_plan(session_id, pending.resume_from_turn)
         session = GatewaySession(session_id, record.seed, self.settings, self.engine, self.log, self._closed,
-                                 SessionBackground(session_id, self.runner, self.store))
+                                 SessionBackground(session_id, self.runner, self.store), self.turn_latency)
         self.live[session_id] = session
         try:
             answer = await session.accept(offer_sdp, plan)
@@ -210,6 +212,7 @@ class Gateway:
         t.late_micro_turns += session.clock.late
         t.frames_out += session.playout.frames_out
         t.underrun_frames += session.playout.underrun_frames
+        t.turns_not_stepped += session.turns_not_stepped
         if session.keep_state:
             return  # the browser may resume it here or elsewhere; the store's TTL ends it otherwise
         try:

@@ -15,7 +15,8 @@ Gateway → browser:
 - ``{"type": "session", "session_id": "...", "micro_turn_ms": 200}`` — sent when the channel opens.
 - ``{"type": "caption", "turn": K, "text": "..."}`` — what the model said in micro-turn K (a delta).
 - ``{"type": "event", "turn": K, "name": "...", "data": {...}}`` — something the model did (e.g. a background task).
-- ``{"type": "error", "code": "...", "message": "..."}`` — a message was refused; the session goes on.
+- ``{"type": "error", "code": "...", "message": "..."}`` — a message was refused; the session goes on (except
+  ``session_expired``: the session reached ``max_session_s`` and ends).
 - ``{"type": "reconnect", "reason": "..."}`` — this gateway is going away (drain): resume the session elsewhere.
 - ``{"type": "pong", ...}`` — see ping.
 

@@ -31,10 +31,20 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
 from inference.background.tasks import BackgroundItem, Task
-from inference.engine import Engine, SessionClosed
+from microturn import logs
 from microturn.config import Settings
-from microturn.contracts import MICRO_TURN_MS, MICRO_TURN_SAMPLES, ControlEvent, MicroTurn, MicroTurnOutput
-from webrtc_gateway import messages
+from microturn.contracts import (
+    MICRO_TURN_MS,
+    MICRO_TURN_SAMPLES,
+    ControlEvent,
+    MicroTurn,
+    MicroTurnEngine,
+    MicroTurnOutput,
+    SessionClosed,
+    TurnNotStepped,
+)
+from microturn.histogram import SECONDS_BUCKETS, Histogram
+from webrtc_gateway import messages, peer_stats
 from webrtc_gateway.background import SessionBackground
 from webrtc_gateway.conversation_log import ConversationLog
 from webrtc_gateway.dispatch import MicroTurnClock
@@ -45,6 +55,8 @@ from webrtc_gateway.store import LogEntry
 from webrtc_gateway.timeline import InputTimeline, MediaClock
 
 log = logging.getLogger(__name__)
+
+PEER_STATS_INTERVAL_S = 5.0
 
 
 class OfferError(Exception):
@@ -79,8 +91,9 @@ def ice_configuration(settings: Settings) -> RTCConfiguration:
 class GatewaySession:
     """Peer connection, ingest, micro-turn clock, playout and data channel of one session."""
 
-    def __init__(self, session_id: str, seed: int, settings: Settings, engine: Engine, log: ConversationLog,
-                 on_closed: Callable[[GatewaySession], Awaitable[None]], background: SessionBackground) -> None:
+    def __init__(self, session_id: str, seed: int, settings: Settings, engine: MicroTurnEngine, log: ConversationLog,
+                 on_closed: Callable[[GatewaySession], Awaitable[None]], background: SessionBackground,
+                 turn_latency: Histogram | None = None) -> None:
         self.session_id = session_id
         self.background = background
         self.seed = seed
@@ -99,10 +112,13 @@ class GatewaySession:
         self.playout = PlayoutTrack()
         self.channel: RTCDataChannel | None = None
         self.captions_sent = 0
+        self.turns_not_stepped = 0
+        self.peer: peer_stats.PeerStats | None = None  # inbound audio quality, sampled for /metrics
+        self.turn_latency = turn_latency or Histogram(SECONDS_BUCKETS)
         self.errors_sent = 0
         self.messages_received = 0
         self._on_closed = on_closed
-        self._outputs: asyncio.Queue[asyncio.Future[MicroTurnOutput]] = asyncio.Queue()
+        self._outputs: asyncio.Queue[tuple[int, float, asyncio.Future[MicroTurnOutput]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._engine_open = False
@@ -139,6 +155,7 @@ class GatewaySession:
             raise OfferError(f"no codec in the offer is supported (audio needs Opus): {exc}") from exc
         await self.pc.setLocalDescription(answer)
         self._spawn(self._watch_connect(), "connect-timeout")
+        self._spawn(self._watch_age(), "max-session-length")
         return str(self.pc.localDescription.sdp)
 
     async def _pick_up(self, plan: ResumePlan) -> None:
@@ -154,7 +171,11 @@ class GatewaySession:
         self.background.resume(plan.tasks, plan.delivered)
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
-        task = asyncio.ensure_future(coro)
+        async def bound() -> Any:  # the task's log lines carry the session id
+            logs.bind_session(self.session_id)
+            return await coro
+
+        task = asyncio.ensure_future(bound())
         task.set_name(f"{self.session_id}:{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -174,6 +195,7 @@ class GatewaySession:
             self._spawn(self.clock.run(self._submit), "micro-turn-clock")
             self._spawn(self._egress(), "egress")
             self._spawn(self._watch_idle(), "idle")
+            self._spawn(self._watch_peer(), "peer-stats")
         elif track.kind == "video":
             self._spawn(self.video.run(track), "video-ingest")
         else:
@@ -206,6 +228,13 @@ class GatewaySession:
         if self.pc.connectionState != "connected":
             await self.close("peer never connected", keep_state=True)
 
+    async def _watch_age(self) -> None:
+        await asyncio.sleep(self.settings.max_session_s)
+        self.send_error("session_expired", f"sessions last at most {self.settings.max_session_s:.0f} s; "
+                                           "start a new one")
+        await asyncio.sleep(0.2)  # let the message leave before the peer closes
+        await self.close("reached the maximum session length", keep_state=False)
+
     async def _watch_idle(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -215,6 +244,11 @@ class GatewaySession:
                 await self.close("no audio received", keep_state=True)
                 return
 
+    async def _watch_peer(self) -> None:
+        while True:
+            await asyncio.sleep(PEER_STATS_INTERVAL_S)
+            self.peer = await peer_stats.sample(self.pc)
+
     # -- the micro-turn path ----------------------------------------------------------------------------------
 
     def _submit(self, turn: MicroTurn) -> None:
@@ -223,15 +257,21 @@ class GatewaySession:
             self._woven[turn.index] = items
             texts = tuple(text for item in items if (text := item.context_text()))
             turn = dataclasses.replace(turn, background=turn.background + texts)
-        self._outputs.put_nowait(self.engine.submit(turn))
+        self._outputs.put_nowait((turn.index, time.perf_counter(), self.engine.submit(turn)))
 
     async def _egress(self) -> None:
         while True:
-            future = await self._outputs.get()
+            index, submitted, future = await self._outputs.get()
             try:
                 output = await future
             except SessionClosed:
                 return
+            except TurnNotStepped as exc:  # the session goes on; this micro-turn is silent and not in the context
+                self.turns_not_stepped += 1
+                log.warning("session %s: a micro-turn was not stepped: %s", self.session_id, exc)
+                self.background.give_back(self._woven.pop(index, []))
+                continue
+            self.turn_latency.observe(time.perf_counter() - submitted)
             self.playout.push(output.audio)
             sent = []
             if output.text:

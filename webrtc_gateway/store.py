@@ -1,6 +1,6 @@
 """Session state: in memory (the embedded default) or in Redis (``--redis URL``).
 
-Per session, four Redis keys share the ``{sid}`` hash tag, so that everything of one session lands on one Redis
+Per session, five Redis keys share the ``{sid}`` hash tag, so that everything of one session lands on one Redis
 Cluster slot and one Lua script may touch them all:
 
 =================================  =====================================================================================
@@ -13,9 +13,15 @@ Cluster slot and one Lua script may touch them all:
                                    (:class:`~inference.background.tasks.Task`), and ``delivered:TASK_ID`` → how many of
                                    its items the model's context has received, set by the same script that appends the
                                    log entry of the micro-turn that carried them (so exactly once, also after a resume)
+``microturn:{sid}:worker``         string: the id of the inference worker the session is assigned to (remote workers
+                                   only; see :mod:`webrtc_gateway.workers`)
 =================================  =====================================================================================
 
-All four expire ``ttl_s`` after the last write (the heartbeat of a live session is its micro-turns); a closed
+``--redis`` takes ``redis://[:PASSWORD@]HOST:PORT/DB`` or, for Redis with Sentinel,
+``redis+sentinel://[:PASSWORD@]SENTINEL:PORT[,SENTINEL:PORT…]/MASTER_NAME/DB``: the store asks the sentinels which
+server is the master, and asks again after a failover.
+
+All five expire ``ttl_s`` after the last write (the heartbeat of a live session is its micro-turns); a closed
 session's keys are deleted. Appends are fenced: a gateway writes only while the record names it as owner, so after a
 resume moved the session, the old owner's late writes are refused and tell it to let go.
 """
@@ -27,8 +33,10 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 
 from inference.background.tasks import Task
 from microturn.contracts import SessionRecord
@@ -76,6 +84,12 @@ class SessionStore(Protocol):
         """The session's background tasks (oldest first) and how many items of each were delivered."""
         ...
 
+    async def set_worker(self, session_id: str, worker_id: str) -> None:
+        """Record which inference worker the session is assigned to."""
+        ...
+
+    async def worker_of(self, session_id: str) -> str | None: ...
+
     async def close(self) -> None: ...
 
 
@@ -88,6 +102,7 @@ class MemorySessionStore:
         self._messages: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self._tasks: dict[str, dict[str, Task]] = {}
         self._delivered: dict[str, dict[str, int]] = {}
+        self._workers: dict[str, str] = {}
 
     async def put(self, record: SessionRecord) -> None:
         self._records[record.session_id] = dataclasses.replace(record)
@@ -102,6 +117,7 @@ class MemorySessionStore:
         self._messages.pop(session_id, None)
         self._tasks.pop(session_id, None)
         self._delivered.pop(session_id, None)
+        self._workers.pop(session_id, None)
 
     async def append(self, owner: str, entries: list[LogEntry]) -> list[bool]:
         accepted = []
@@ -137,7 +153,14 @@ class MemorySessionStore:
         tasks = sorted(self._tasks.get(session_id, {}).values(), key=lambda t: t.created)
         return [Task.decode(t.encode()) for t in tasks], dict(self._delivered.get(session_id, {}))
 
+    async def set_worker(self, session_id: str, worker_id: str) -> None:
+        self._workers[session_id] = worker_id
+
+    async def worker_of(self, session_id: str) -> str | None:
+        return self._workers.get(session_id)
+
     async def close(self) -> None:
+        self._workers.clear()
         self._records.clear()
         self._logs.clear()
         self._messages.clear()
@@ -161,8 +184,32 @@ def tasks_key(session_id: str) -> str:
     return f"microturn:{{{session_id}}}:tasks"
 
 
-# KEYS: record, log, events, tasks. ARGV: owner, turn, context, now, ttl, n messages, message JSON…, then pairs of
-# task id and items delivered
+def worker_key(session_id: str) -> str:
+    return f"microturn:{{{session_id}}}:worker"
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for ``redis://…`` or ``redis+sentinel://…`` (see the module docstring)."""
+    options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
+    if not url.startswith("redis+sentinel://"):
+        return aioredis.Redis.from_url(url, **options)
+    parsed = urlsplit(url)
+    password = unquote(parsed.password) if parsed.password else None
+    hosts = parsed.netloc.rpartition("@")[2]
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        sentinels.append((host or item, int(port) if host else 26379))
+    parts = [p for p in parsed.path.split("/") if p]
+    if not parts:
+        raise ValueError(f"{url}: name the master, e.g. redis+sentinel://sentinel:26379/mymaster/0")
+    db = int(parts[1]) if len(parts) > 1 else 0
+    sentinel = Sentinel(sentinels, sentinel_kwargs=options, **options)
+    return sentinel.master_for(parts[0], db=db, password=password)
+
+
+# KEYS: record, log, events, tasks, worker. ARGV: owner, turn, context, now, ttl, n messages, message JSON…, then
+# pairs of task id and items delivered
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('XADD', KEYS[2], '*', 'turn', ARGV[2], 'ctx', ARGV[3])
@@ -170,7 +217,7 @@ local last = 6 + tonumber(ARGV[6])
 for i = 7, last do redis.call('XADD', KEYS[3], '*', 'turn', ARGV[2], 'msg', ARGV[i]) end
 for i = last + 1, #ARGV, 2 do redis.call('HSET', KEYS[4], 'delivered:' .. ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'micro_turn', ARGV[2], 'last_seen', ARGV[4])
-for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return 1
 """
 
@@ -186,7 +233,7 @@ class RedisSessionStore:
     """Session state in Redis, expiring ``ttl_s`` after the last write."""
 
     def __init__(self, url: str, ttl_s: int = 3600) -> None:
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._redis = connect(url)
         self._append = self._redis.register_script(_APPEND)
         self._claim = self._redis.register_script(_CLAIM)
         self.ttl_s = ttl_s
@@ -220,7 +267,7 @@ class RedisSessionStore:
     async def delete(self, session_id: str) -> None:
         try:
             await self._redis.delete(record_key(session_id), log_key(session_id), events_key(session_id),
-                                     tasks_key(session_id))
+                                     tasks_key(session_id), worker_key(session_id))
         except aioredis.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -230,7 +277,7 @@ class RedisSessionStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for e in entries:
                     keys = [record_key(e.session_id), log_key(e.session_id), events_key(e.session_id),
-                            tasks_key(e.session_id)]
+                            tasks_key(e.session_id), worker_key(e.session_id)]
                     args: list[bytes | str | int] = [owner, e.turn, e.context, now, self.ttl_s, len(e.messages),
                                                      *(json.dumps(m) for m in e.messages)]
                     for task_id, count in e.delivered.items():
@@ -287,6 +334,19 @@ class RedisSessionStore:
             else:
                 tasks.append(Task.decode(v))
         return sorted(tasks, key=lambda t: t.created), delivered
+
+    async def set_worker(self, session_id: str, worker_id: str) -> None:
+        try:
+            await self._redis.set(worker_key(session_id), worker_id, ex=self.ttl_s)
+        except aioredis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def worker_of(self, session_id: str) -> str | None:
+        try:
+            value = await self._redis.get(worker_key(session_id))
+        except aioredis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return None if value is None else _text(value)
 
     async def close(self) -> None:
         await self._redis.aclose()
