@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
+import os
 import time
+from multiprocessing.connection import Connection
 
 import pytest
 
 from inference.background.reasoner import ReasonerSpec
-from inference.background.runner import BackgroundRunner, TooManyTasks, Update
+from inference.background.runner import BackgroundRunner, TooManyTasks, Update, lower_priority
 
 
 class Collector:
@@ -87,3 +90,20 @@ def test_bench_background_reports_every_field() -> None:
     assert result["micro_turns"]["loaded"] >= 8 and result["late_micro_turns"] >= 0
     assert set(result["tick_ms"]) == {"unloaded", "loaded"} and result["tick_ms"]["loaded"]["p99"] > 0
     assert result["tasks_per_s"] > 0
+
+
+def _report_priority(conn: Connection) -> None:
+    lower_priority(19)
+    conn.send((os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)))
+
+
+def test_worker_processes_run_at_idle_priority() -> None:
+    """A task's process is niced and, on Linux, SCHED_IDLE: it only gets CPU the tick and media threads leave."""
+    parent, child = mp.Pipe()
+    process = mp.get_context("spawn").Process(target=_report_priority, args=(child,))
+    process.start()
+    nice, policy = parent.recv()
+    process.join(10)
+    assert nice == 19
+    if hasattr(os, "SCHED_IDLE"):
+        assert policy == os.SCHED_IDLE

@@ -1,11 +1,12 @@
 """Runs background tasks in worker processes, off the event loop and the engine's tick thread.
 
 Each running task has a process of its own (``spawn``, so it shares nothing with the gateway's threads and torch
-state), at the lowest CPU priority (``nice`` 19): on a busy machine the tick thread and the media threads always
-come first, and background work takes the CPU time they leave. The process builds its reasoner from a
-:class:`~inference.background.reasoner.ReasonerSpec` and streams ``("progress", text)`` and finally ``("result",
-text)`` or ``("error", message)`` back over a pipe, which the event loop watches with ``add_reader`` (no thread
-blocks on it).
+state), at the lowest CPU priority (``nice`` 19, and on Linux the ``SCHED_IDLE`` policy, which runs it only on a
+core nothing else wants and lets any waking thread preempt it at once): on a busy machine the tick thread and the
+media threads always come first, and background work takes the CPU time they leave. The process builds its
+reasoner from a :class:`~inference.background.reasoner.ReasonerSpec` and streams ``("progress", text)`` and
+finally ``("result", text)`` or ``("error", message)`` back over a pipe, which the event loop watches with
+``add_reader`` (no thread blocks on it).
 
 Limits: at most ``workers`` processes run at once (later tasks wait their turn), at most ``per_session`` tasks of
 one session are queued or running (more is refused: :class:`TooManyTasks`), and a task that runs longer than
@@ -49,10 +50,18 @@ class TooManyTasks(Exception):
     """The session already has its maximum of background tasks queued or running."""
 
 
-def _worker(spec: ReasonerSpec, conversation: str, request: str, conn: Connection, nice: int) -> None:
-    """The body of a worker process: run one task, stream what it says, exit."""
+def lower_priority(nice: int) -> None:
+    """Make this process yield the CPU: ``nice``, and on Linux ``SCHED_IDLE`` (runs only when nothing else wants
+    the core; a waking thread of normal priority preempts it at once)."""
     with contextlib.suppress(OSError):
         os.nice(nice)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _worker(spec: ReasonerSpec, conversation: str, request: str, conn: Connection, nice: int) -> None:
+    """The body of a worker process: run one task, stream what it says, exit."""
+    lower_priority(nice)
     try:
         result = asyncio.run(spec.build().run(conversation, request, lambda text: conn.send(("progress", text))))
         conn.send(("result", result))
