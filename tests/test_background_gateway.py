@@ -14,7 +14,11 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from microturn.client import RATE, ProbeClient
+from tests.conftest import loopback_settings
+from tests.conftest import start_gateway as start_in_process
 from tests.test_resume import Gateway, start_gateway
+from webrtc_gateway.api import GATEWAY
+from webrtc_gateway.app import STORE
 from webrtc_gateway.store import log_key, tasks_key
 
 
@@ -139,3 +143,39 @@ async def test_a_gateway_crash_mid_task_then_resume_delivers_the_result_once(red
     assert sum(b"spinning: 25%" in fields[b"ctx"] for _, fields in log) == 1
     assert int(stored[f"delivered:{task['task_id']}".encode()]) == 5
     assert woven(client).count("spun for 2 s") == 1
+
+
+async def test_a_model_request_whose_task_was_never_recorded_is_restarted_on_resume(redis_url: str) -> None:
+    """The old gateway logged the model's request but died before writing its task: the resume starts it again
+    (same id, from the log), and the new gateway's background conversation has the text typed before the move."""
+    settings = {"redis": redis_url}
+    first = await start_in_process(loopback_settings(gateway_id="gw-lost-a", **settings))
+    second = await start_in_process(loopback_settings(gateway_id="gw-lost-b", **settings))
+
+    async def never_written(task: object) -> None:  # as if the gateway died before its first write of the task
+        return None
+
+    first.app[STORE].put_task = never_written  # type: ignore[method-assign]
+    client = ProbeClient(str(first.make_url("/")), np.zeros(10 * RATE, np.float32),
+                         fallback_urls=(str(second.make_url("/")),))
+    try:
+        await client.connect()
+        await asyncio.wait_for(client.channel_open.wait(), 10)
+        client.send({"type": "text", "text": "my name is Ada"})
+        await asyncio.sleep(0.4)
+        client.send({"type": "text", "text": "/bg /spin 1.5"})
+        await until(lambda: any(e["name"] == "background_started" for e in events(client)), 10)
+        await first.close()  # the session's connection drops; the browser resumes on the other gateway
+        await until(lambda: any(e["name"] == "background_result" for e in events(client)), 20)
+        await asyncio.sleep(0.5)
+        conversation = second.app[GATEWAY].live[client.session_id].background.transcript.text()
+    finally:
+        await client.close(delete=False)
+        await second.close()
+    assert client.resumes == 1, client.errors
+    started = [e["data"]["task_id"] for e in events(client) if e["name"] == "background_started"]
+    assert len(set(started)) == 1 and started[0].startswith("model-")  # the same task, started again
+    results = [e["data"]["text"] for e in events(client) if e["name"] == "background_result"]
+    assert results == ["spun for 1.5 s"]
+    assert woven(client).count("spun for 1.5 s") == 1
+    assert "my name is Ada" in conversation

@@ -59,21 +59,25 @@ class SessionBackground:
 
     # -- tasks ------------------------------------------------------------------------------------------------
 
-    def start(self, request: str, source: str) -> Task:
-        """Start a task for ``request``. Raises :class:`TooManyTasks` (and starts nothing) at the session's limit."""
+    def start(self, request: str, source: str, task_id: str | None = None, delivered: int = 0) -> Task:
+        """Start a task for ``request`` (a random id unless given; ``delivered``: how many of its items the model
+        already had, when it is started again after a move). Raises :class:`TooManyTasks` (and starts nothing) at
+        the session's limit."""
         request = request.strip()[:MAX_REQUEST_CHARS]
-        task = Task(secrets.token_hex(8), self.session_id, request, source, state="running")
+        task = Task(task_id or secrets.token_hex(8), self.session_id, request, source, state="running")
+        if delivered:  # the rerun's first items are the ones the model already had: not again
+            self._queued[task.task_id] = delivered
         self.runner.start(self.session_id, task.task_id, self.transcript.text(), request, self._on_update)
         self.tasks[task.task_id] = task
         self._changed(task)
         return task
 
-    def start_or_fail(self, request: str, source: str) -> Task:
+    def start_or_fail(self, request: str, source: str, task_id: str | None = None, delivered: int = 0) -> Task:
         """Like :meth:`start`, but a refused task is recorded (and reported) as failed."""
         try:
-            return self.start(request, source)
+            return self.start(request, source, task_id, delivered)
         except TooManyTasks as exc:
-            task = Task(secrets.token_hex(8), self.session_id, request.strip()[:MAX_REQUEST_CHARS], source,
+            task = Task(task_id or secrets.token_hex(8), self.session_id, request.strip()[:MAX_REQUEST_CHARS], source,
                         state="failed", error=str(exc))
             self.tasks[task.task_id] = task
             self._changed(task)

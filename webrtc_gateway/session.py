@@ -84,6 +84,12 @@ class ResumePlan:
     said: list[dict[str, Any]] = field(default_factory=list)
 
 
+def model_task_id(turn: int, k: int) -> str:
+    """The id of the task the model asked for with the ``k``-th request of micro-turn ``turn``: known from the log
+    alone, so that a resume can tell whether that task was recorded."""
+    return f"model-{turn}-{k}"
+
+
 def ice_configuration(settings: Settings) -> RTCConfiguration:
     return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in settings.ice_servers])
 
@@ -125,6 +131,7 @@ class GatewaySession:
         self._audio_seen = False
         self._missed: list[dict[str, Any]] = []
         self._woven: dict[int, list[BackgroundItem]] = {}  # micro-turn index → background items it carries
+        self._typed: dict[int, tuple[str, ...]] = {}  # micro-turn index → user text it carries
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -165,10 +172,27 @@ class GatewaySession:
             output = await self.engine.submit(MicroTurn(self.session_id, index, silence))
             self.log.add(LogEntry(self.session_id, index, output.context))
         self.clock.base = plan.first_turn + plan.gap_turns
-        self._missed = plan.missed
+        self._missed = [m for m in plan.missed if m.get("type") != "user_text"]  # the browser typed those
         for message in plan.said:
             self._note(message)
         self.background.resume(plan.tasks, plan.delivered)
+        self._restart_lost_requests(plan)
+
+    def _restart_lost_requests(self, plan: ResumePlan) -> None:
+        """Start the tasks the model asked for whose state never reached the store (the old gateway died between
+        logging the request and writing the task): their ids follow from where the request was logged."""
+        known = {t.task_id for t in plan.tasks}
+        counts: dict[int, int] = {}
+        for message in plan.said:
+            if message.get("type") == "event" and message.get("name") == "background_request":
+                turn = int(message.get("turn", -1))
+                k = counts[turn] = counts.get(turn, -1) + 1
+                request = str((message.get("data") or {}).get("request", "")).strip()
+                if request and model_task_id(turn, k) not in known:
+                    log.info("session %s: restarting the model's request of micro-turn %d, whose task was lost",
+                             self.session_id, turn)
+                    task_id = model_task_id(turn, k)
+                    self.background.start_or_fail(request, "model", task_id, plan.delivered.get(task_id, 0))
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         async def bound() -> Any:  # the task's log lines carry the session id
@@ -252,6 +276,8 @@ class GatewaySession:
     # -- the micro-turn path ----------------------------------------------------------------------------------
 
     def _submit(self, turn: MicroTurn) -> None:
+        if turn.text:
+            self._typed[turn.index] = turn.text
         items = self.background.take()
         if items:  # the background input stream: what tasks reported since the last micro-turn
             self._woven[turn.index] = items
@@ -270,6 +296,8 @@ class GatewaySession:
                 self.turns_not_stepped += 1
                 log.warning("session %s: a micro-turn was not stepped: %s", self.session_id, exc)
                 self.background.give_back(self._woven.pop(index, []))
+                for text in self._typed.pop(index, ()):  # typed text goes in with the next micro-turn instead
+                    self.inbox.put(text)
                 continue
             self.turn_latency.observe(time.perf_counter() - submitted)
             self.playout.push(output.audio)
@@ -286,14 +314,19 @@ class GatewaySession:
             for message in sent:
                 self._send(message)
                 self._note(message)
-            self.log.add(LogEntry(self.session_id, output.index, output.context, sent, delivered))
-            for event in output.events:
-                if event.name == "background_request" and str(event.data.get("request", "")).strip():
-                    self.background.start_or_fail(str(event.data["request"]), "model")
+            typed = [{"type": "user_text", "turn": output.index, "text": t} for t in self._typed.pop(index, ())]
+            self.log.add(LogEntry(self.session_id, output.index, output.context, typed + sent, delivered))
+            requests = [e for e in output.events if e.name == "background_request"]
+            for k, event in enumerate(requests):
+                if str(event.data.get("request", "")).strip():
+                    self.background.start_or_fail(str(event.data["request"]), "model",
+                                                  task_id=model_task_id(output.index, k))
 
     def _note(self, message: dict[str, Any]) -> None:
-        """Add a caption or event to the conversation text background tasks are given."""
-        if message.get("type") == "caption":
+        """Add a caption, event or (logged) user text to the conversation text background tasks are given."""
+        if message.get("type") == "user_text":
+            self.background.transcript.user(str(message.get("text", "")))
+        elif message.get("type") == "caption":
             self.background.transcript.model(str(message.get("text", "")))
         elif message.get("type") == "event":
             data = message.get("data") or {}

@@ -8,7 +8,8 @@ Cluster slot and one Lua script may touch them all:
 ``microturn:{sid}:log``            stream, one entry per micro-turn: ``turn`` and ``ctx``, the engine's context record
                                    (model input features and the model's own output tokens — never raw media; ``echo``:
                                    empty, ``tally``: 1 byte + typed text, ``reference``: see inference/README.md)
-``microturn:{sid}:events``         stream: ``turn`` and ``msg``, every caption and event sent to the browser, as JSON
+``microturn:{sid}:events``         stream: ``turn`` and ``msg``, every caption and event sent to the browser, and the
+                                   text the user typed (``{"type": "user_text", ...}``), as JSON
 ``microturn:{sid}:tasks``          hash: background tasks, field ``TASK_ID`` → the task as JSON
                                    (:class:`~inference.background.tasks.Task`), and ``delivered:TASK_ID`` → how many of
                                    its items the model's context has received, set by the same script that appends the
