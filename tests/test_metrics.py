@@ -65,3 +65,4 @@ async def test_metrics_count_what_a_session_did(monkeypatch: pytest.MonkeyPatch)
     assert 0 < live["microturn_peer_rtt_seconds{quantile=0.99}"] < 0.2
     assert live["microturn_peer_packets_lost_total"] == 0
     assert "microturn_workers{state=up}" not in after  # in-process engine: no remote workers
+    assert after["microturn_gateway_draining"] == 0

@@ -6,6 +6,7 @@ counts (plain integers and :class:`~microturn.histogram.Histogram`). Names and m
 
 ==========================================  ======================================================================
 ``microturn_sessions``                      sessions on this gateway (``state``: ``new`` or ``live``)
+``microturn_gateway_draining``              1 while the gateway drains (after SIGTERM), else 0
 ``microturn_micro_turns_total``             micro-turns dispatched to the engine
 ``microturn_late_micro_turns_total``        micro-turns dispatched at their deadline with audio missing
 ``microturn_turns_not_stepped_total``       micro-turns the engine could not step (silence, not in the context)
@@ -53,6 +54,7 @@ class GatewayCollector(Collector):
         sessions.add_metric(["new"], len(g.pending))
         sessions.add_metric(["live"], len(live))
         yield sessions
+        yield GaugeMetricFamily("microturn_gateway_draining", "1 while draining", value=int(g.draining))
 
         def counter(name: str, doc: str, value: float) -> Metric:
             return CounterMetricFamily(name, doc, value=value)
