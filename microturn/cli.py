@@ -105,6 +105,18 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from inference.trainer import Trainer, TrainSettings
+
+    settings = TrainSettings(data=args.data, out=args.out or Path("runs") / args.preset, preset=args.preset,
+                             steps=args.steps, batch=args.batch, window=args.window, lr=args.lr,
+                             val_every=args.val_every, save_every=args.save_every, seed=args.seed,
+                             device=args.device, threads=args.threads)
+    result = Trainer(settings).run()
+    print(json.dumps(result))
+    return 0
+
+
 def _model(args: argparse.Namespace) -> int:
     from inference.checkpoint import init_checkpoint
 
@@ -191,6 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-video", action="store_true", help="cluster: micro-turns without a video frame")
     bench.add_argument("--json", action="store_true", help="one line of JSON")
     bench.set_defaults(func=_bench)
+
+    train = sub.add_parser("train", help="train the reference model on a data set of `microturn data synth`")
+    train.add_argument("--data", type=Path, required=True, help="folder with train/ and validation/ conversations")
+    train.add_argument("--out", type=Path, help="run folder (default runs/PRESET); a folder with state.pt resumes")
+    train.add_argument("--preset", default="tiny")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--batch", type=int, default=4, help="windows per step")
+    train.add_argument("--window", type=int, default=40, help="micro-turns per window")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--val-every", type=int, default=100)
+    train.add_argument("--save-every", type=int, default=200)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    train.set_defaults(func=_train)
 
     model = sub.add_parser("model", help="make model checkpoints")
     model_sub = model.add_subparsers(dest="action", required=True)

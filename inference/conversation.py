@@ -1,0 +1,112 @@
+"""Training examples from synthetic conversations: a conversation of ``microturn data synth`` → micro-turn examples.
+
+A conversation (see :mod:`inference.synth` for the format) holds, per micro-turn, the user's audio, camera frame,
+typed text and background results, and what the model should do: speak or not, its caption text, its audio. This
+module turns a window of micro-turns into :class:`~inference.train.TurnExample` s laid out exactly as the engine lays
+out a live session (:class:`~inference.reference.ReferenceModel`):
+
+- user side: the text slots take ``text_in`` ids per micro-turn from a queue that typed text (``USER`` + bytes) and
+  background results (``TOOL`` + bytes) join when they arrive; the video slots carry the patches the engine would
+  pick for that micro-turn index (``NO_VIDEO`` with the camera off); the audio tokens are the dMel bins of the
+  micro-turn's 3,200 samples, framed per micro-turn as the engine frames them;
+- model side (the targets): ``SPEAK`` or ``SILENT``; while speaking, ``text_out`` caption bytes per micro-turn from a
+  queue its caption text joins (``PAD`` when empty; what is left when an utterance ends is dropped, as a live model
+  could not say it either); the log-mel of its target audio (the floor when silent).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference import dmel, tokenizer
+from inference.config import ModelConfig
+from inference.layout import Tokens, TurnLayout
+from inference.reference import MAX_TEXT_BACKLOG
+from inference.train import TurnExample
+from inference.video import patches_at
+from microturn.contracts import MICRO_TURN_SAMPLES, PATCH
+
+
+@dataclass
+class Conversation:
+    """One synthetic conversation, as stored by ``microturn data synth``."""
+
+    meta: dict[str, Any]
+    user_audio: np.ndarray  # (T·3200,) float32
+    model_audio: np.ndarray  # (T·3200,) float32
+    video: np.ndarray  # (T, H, W, 3) uint8
+    camera: np.ndarray  # (T,) bool
+
+    @property
+    def turns(self) -> int:
+        return int(self.meta["turns"])
+
+    @classmethod
+    def load(cls, npz: Path) -> Conversation:
+        meta = json.loads(npz.with_suffix(".json").read_text())
+        with np.load(npz) as data:
+            return cls(meta, data["user_audio"], data["model_audio"], data["video"], data["camera"])
+
+
+def conversations(folder: Path) -> list[Path]:
+    """The conversations of one split folder, in a stable order."""
+    found = sorted(folder.glob("*.npz"))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no conversations (*.npz); make some with `microturn data synth`")
+    return found
+
+
+def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int | None = None) -> list[TurnExample]:
+    """Micro-turns ``[start, start + length)`` of ``conv`` as training examples (the queues run from turn 0)."""
+    layout = TurnLayout.of(cfg)
+    end = conv.turns if length is None else min(conv.turns, start + length)
+    text_in: deque[int] = deque()
+    caption: deque[int] = deque()
+    out: list[TurnExample] = []
+    for k in range(end):
+        for text in conv.meta["user_text"][k]:
+            text_in.extend(tokenizer.encode(text, tokenizer.USER))
+        for text in conv.meta["background"][k]:
+            text_in.extend(tokenizer.encode(text, tokenizer.TOOL))
+        while len(text_in) > MAX_TEXT_BACKLOG:
+            text_in.pop()
+        slots = [text_in.popleft() for _ in range(min(cfg.text_in, len(text_in)))]
+        speaks = bool(conv.meta["model_speaks"][k])
+        caption.extend(conv.meta["model_text"][k].encode())
+        if speaks:
+            ids = [caption.popleft() for _ in range(min(cfg.text_out, len(caption)))]
+            ids += [tokenizer.PAD] * (cfg.text_out - len(ids))
+        else:
+            caption.clear()
+            ids = [tokenizer.PAD] * cfg.text_out
+        if k < start:
+            continue
+        span = slice(k * MICRO_TURN_SAMPLES, (k + 1) * MICRO_TURN_SAMPLES)
+        heard = dmel.quantize(dmel.micro_turn_log_mel(torch.from_numpy(conv.user_audio[span].copy())[None]))[0]
+        video = None
+        if conv.camera[k]:
+            frame = _fit(conv.video[k], cfg)
+            n_patches = (cfg.video_height // PATCH) * (cfg.video_width // PATCH)
+            pixels, places = patches_at(frame, layout.video_patches(k, n_patches).tolist())
+            video = Tokens.of_patches(pixels, places, cfg.frames_per_token, cfg.n_mels)
+        said = dmel.micro_turn_log_mel(torch.from_numpy(conv.model_audio[span].copy())[None])[0]
+        mel = said if speaks else torch.full_like(said, dmel.LOG_MIN)
+        out.append(TurnExample(layout.user_side(slots, video, heard),
+                               tokenizer.SPEAK if speaks else tokenizer.SILENT, ids, mel))
+    return out
+
+
+def _fit(frame: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    if frame.shape[:2] == (cfg.video_height, cfg.video_width):
+        return frame
+    t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+    size = (cfg.video_height, cfg.video_width)
+    return torch.nn.functional.interpolate(t, size=size, mode="area")[0].permute(1, 2, 0).round().to(
+        torch.uint8).numpy()

@@ -1,0 +1,220 @@
+"""``microturn train``: train the reference model on synthetic conversations, with progress, validation,
+checkpoints, exact resume, and a loss curve.
+
+The run folder (``--out``) holds:
+
+- ``state.pt`` — everything needed to go on exactly where the run stopped: weights (with the routers' balance
+  biases), optimiser state, step, the data and noise generators' states, the loss history;
+- ``checkpoint/`` — the latest weights as a servable checkpoint (``microturn serve --model reference --checkpoint``);
+- ``loss.png`` — training and validation loss per step; ``log.jsonl`` — one line per logged step.
+
+Each step samples ``batch`` windows of ``window`` micro-turns (random conversation, random start) from the train
+split with the run's own generator, turns them into examples laid out as the engine lays out a live session
+(:mod:`inference.conversation`) and takes one optimiser step (:func:`inference.train.train_step`: the model code
+path the engine runs). Validation: the mean loss over fixed windows of the validation split. Starting a run in a
+folder that has ``state.pt`` resumes it: the same seed, data and settings give the same weights as a run that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference.checkpoint import save_checkpoint
+from inference.config import preset as get_preset
+from inference.conversation import Conversation, conversations, examples
+from inference.layout import TurnLayout
+from inference.model import ReferenceNet
+from inference.train import build_batch, compute_losses, train_step
+
+
+@dataclass
+class TrainSettings:
+    data: Path
+    out: Path
+    preset: str = "tiny"
+    steps: int = 2000
+    batch: int = 4  # windows per step
+    window: int = 40  # micro-turns per window (8 s)
+    lr: float = 1e-3
+    warmup: int = 100  # steps of linear warm-up, then cosine decay to lr / 10
+    weight_decay: float = 0.01
+    val_every: int = 100
+    val_windows: int = 8
+    save_every: int = 200
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch CPU threads; 0: torch's default
+
+
+@dataclass
+class History:
+    train: list[tuple[int, float, float, float]] = field(default_factory=list)  # step, total, text, flow
+    val: list[tuple[int, float]] = field(default_factory=list)  # step, total
+
+
+def _split(data: Path, *names: str) -> list[Path]:
+    for name in names:
+        if (data / name).is_dir():
+            return conversations(data / name)
+    raise FileNotFoundError(f"{data}: no {' or '.join(names)} folder; make a data set with `microturn data synth`")
+
+
+def _lr(s: TrainSettings, step: int) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _window(conv: Conversation, window: int, generator: torch.Generator) -> tuple[int, int]:
+    length = min(window, conv.turns)
+    start = int(torch.randint(0, conv.turns - length + 1, (), generator=generator))
+    return start, length
+
+
+class Trainer:
+    """One training run (see the module docstring)."""
+
+    def __init__(self, s: TrainSettings) -> None:
+        self.s = s
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        self.cfg = get_preset(s.preset)
+        self.layout = TurnLayout.of(self.cfg)
+        self.train_files = _split(s.data, "train")
+        self.val_files = _split(s.data, "validation", "val")
+        torch.manual_seed(s.seed)
+        self.net = ReferenceNet(self.cfg).to(s.device)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        self.data_gen = torch.Generator().manual_seed(s.seed)
+        self.noise_gen = torch.Generator().manual_seed(s.seed + 1)
+        self.step = 0
+        self.history = History()
+        self._cache: dict[Path, Conversation] = {}
+        if (s.out / "state.pt").exists():
+            self._load()
+
+    def _conversation(self, path: Path) -> Conversation:
+        if path not in self._cache:
+            if len(self._cache) > 256:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[path] = Conversation.load(path)
+        return self._cache[path]
+
+    def _batch(self) -> Any:
+        sequences = []
+        for _ in range(self.s.batch):
+            path = self.train_files[int(torch.randint(0, len(self.train_files), (), generator=self.data_gen))]
+            conv = self._conversation(path)
+            start, length = _window(conv, self.s.window, self.data_gen)
+            sequences.append(examples(conv, self.cfg, start, length))
+        return build_batch(self.layout, sequences)
+
+    def validate(self) -> float:
+        """Mean total loss over fixed windows of the validation split (the same windows every time)."""
+        gen = torch.Generator().manual_seed(12345)
+        self.net.eval()
+        totals = []
+        with torch.no_grad():
+            for i in range(self.s.val_windows):
+                conv = self._conversation(self.val_files[i % len(self.val_files)])
+                start, length = _window(conv, self.s.window, gen)
+                batch = build_batch(self.layout, [examples(conv, self.cfg, start, length)])
+                losses, _ = compute_losses(self.net, batch, gen)
+                totals.append(float(losses.total))
+        return sum(totals) / len(totals)
+
+    def run(self) -> dict[str, Any]:
+        s = self.s
+        s.out.mkdir(parents=True, exist_ok=True)
+        began, first = time.perf_counter(), self.step
+        turns_seen = 0
+        if self.step:
+            print(f"train: resuming {s.out} at step {self.step}", file=sys.stderr)
+        while self.step < s.steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = _lr(s, self.step)
+            batch = self._batch()
+            losses = train_step(self.net, self.optimizer, batch, self.noise_gen)
+            self.step += 1
+            turns_seen += len(batch.rows)
+            self.history.train.append((self.step, float(losses.total), float(losses.text), float(losses.flow)))
+            rate = turns_seen / max(1e-9, time.perf_counter() - began)
+            print(f"\rtrain: step {self.step}/{s.steps}  loss {float(losses.total):.3f} "
+                  f"(text {float(losses.text):.3f}, flow {float(losses.flow):.3f})  {rate:.0f} micro-turns/s",
+                  end="", file=sys.stderr, flush=True)
+            if self.step % s.val_every == 0 or self.step == s.steps:
+                val = self.validate()
+                self.history.val.append((self.step, val))
+                print(f"\ntrain: step {self.step}: validation loss {val:.3f}", file=sys.stderr)
+            if self.step % s.save_every == 0 or self.step == s.steps:
+                self.save()
+            with (s.out / "log.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.step, "loss": float(losses.total), "text": float(losses.text),
+                                    "flow": float(losses.flow), "lr": _lr(s, self.step - 1)}) + "\n")
+        print(file=sys.stderr)
+        elapsed = time.perf_counter() - began
+        return {"steps": self.step, "steps_this_run": self.step - first, "seconds": round(elapsed, 1),
+                "micro_turns_per_s": round(turns_seen / max(1e-9, elapsed), 1),
+                "final_loss": self.history.train[-1][1] if self.history.train else None,
+                "validation_loss": self.history.val[-1][1] if self.history.val else None,
+                "checkpoint": str(s.out / "checkpoint")}
+
+    def save(self) -> None:
+        s = self.s
+        state = {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
+                 "history": asdict(self.history), "settings": {k: str(v) for k, v in asdict(s).items()}}
+        tmp = s.out / "state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(s.out / "state.pt")  # a run killed mid-save resumes from the previous state
+        save_checkpoint(self.net, s.out / "checkpoint")
+        plot_losses(self.history, s.out / "loss.png")
+
+    def _load(self) -> None:
+        state = torch.load(self.s.out / "state.pt", map_location=self.s.device, weights_only=False)
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
+        h = state["history"]
+        self.history = History([(int(a), float(b), float(c), float(d)) for a, b, c, d in h["train"]],
+                               [(int(a), float(b)) for a, b in h["val"]])
+
+
+def plot_losses(history: History, path: Path) -> None:
+    """Training (per step) and validation loss, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("train: matplotlib is not installed (pip install 'microturn[train]'); no loss.png", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if history.train:
+        steps, total, text, flow = zip(*history.train, strict=True)
+        ax.plot(steps, total, lw=0.8, label="train total")
+        ax.plot(steps, text, lw=0.6, alpha=0.7, label="train text")
+        ax.plot(steps, flow, lw=0.6, alpha=0.7, label="train flow")
+    if history.val:
+        vsteps, vloss = zip(*history.val, strict=True)
+        ax.plot(vsteps, vloss, "o-", label="validation total")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

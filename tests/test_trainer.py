@@ -1,0 +1,104 @@
+"""Training on synthetic conversations: examples laid out as the engine lays out a live session, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference import tokenizer
+from inference.config import preset
+from inference.context import TurnRecord, first_link
+from inference.conversation import Conversation, examples
+from inference.model import ReferenceNet
+from inference.reference import ReferenceModel
+from inference.trainer import Trainer, TrainSettings
+from microturn.contracts import MicroTurn
+
+TURNS = 12
+
+
+def write_conversation(folder: Path, name: str, seed: int) -> Path:
+    """A small conversation in the format of ``microturn data synth``: tones for speech, a card on the camera."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(TURNS * 3200) / 16_000
+    user = np.where((t > 0.2) & (t < 1.0), 0.3 * np.sin(2 * np.pi * 300 * t), 0.0) + 0.01 * rng.standard_normal(t.size)
+    model = np.where((t > 1.4) & (t < 2.2), 0.3 * np.sin(2 * np.pi * 500 * t), 0.0)
+    speaks = [bool(1.4 <= k * 0.2 < 2.2) for k in range(TURNS)]
+    video = np.zeros((TURNS, 120, 160, 3), np.uint8)
+    video[:, :, :, 0] = 200
+    camera = np.array([k < 6 for k in range(TURNS)])
+    user_text: list[list[str]] = [[] for _ in range(TURNS)]
+    user_text[2] = ["what colour is this?"]
+    background: list[list[str]] = [[] for _ in range(TURNS)]
+    background[5] = ["red"]
+    model_text = ["" for _ in range(TURNS)]
+    model_text[7], model_text[8] = "it is ", "red"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"{name}.npz", user_audio=user.astype(np.float32), model_audio=model.astype(np.float32),
+             video=video, camera=camera)
+    meta = {"id": name, "turns": TURNS, "user_text": user_text, "background": background, "model_text": model_text,
+            "model_speaks": speaks}
+    (folder / f"{name}.json").write_text(json.dumps(meta))
+    return folder / f"{name}.npz"
+
+
+def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path) -> None:
+    path = write_conversation(tmp_path, "c0", 0)
+    conv = Conversation.load(path)
+    cfg = preset("tiny")
+    got = examples(conv, cfg)
+    assert len(got) == TURNS
+    torch.manual_seed(0)
+    model = ReferenceModel(ReferenceNet(cfg).eval())
+    model.open("s", 7)
+    contexts = []
+    for k in range(TURNS):  # the same micro-turns, live through the engine's model
+        span = slice(k * 3200, (k + 1) * 3200)
+        turn = MicroTurn("s", k, conv.user_audio[span], conv.video[k] if conv.camera[k] else None,
+                         tuple(conv.meta["user_text"][k]), background=tuple(conv.meta["background"][k]))
+        contexts.append(model.step([turn])[0].context)
+    link = first_link(7)
+    for k, (context, example) in enumerate(zip(contexts, got, strict=True)):
+        record = TurnRecord.decode(context, model.record_shape, link)
+        link = TurnRecord.link_of(context)
+        text_rows = example.user.text[: cfg.text_in].tolist()
+        assert [i for i in text_rows if i != tokenizer.PAD] == record.text_slots, k
+        assert torch.equal(example.user.dmel.reshape(-1, cfg.n_mels), record.audio_bins.long()), k
+        assert (record.video is not None) == bool(conv.camera[k])
+    # the targets: speak while the model audio plays, its caption bytes in order, the floor mel when silent
+    controls = [e.control for e in got]
+    assert controls == [tokenizer.SPEAK if s else tokenizer.SILENT for s in conv.meta["model_speaks"]]
+    said = bytes(i for e in got for i in e.caption if i != tokenizer.PAD).decode()
+    assert said == "it is red"[: len(said)] and len(said) >= 6
+    assert all(float(e.mel.max()) <= -4.9 for e, s in zip(got, conv.meta["model_speaks"], strict=True) if not s)
+
+
+def test_training_resumes_to_the_same_state(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(3):
+        write_conversation(data / "train", f"t{i}", i)
+    write_conversation(data / "validation", "v0", 9)
+
+    def settings(out: Path, steps: int, seed: int = 3) -> TrainSettings:
+        return TrainSettings(data=data, out=out, steps=steps, batch=2, window=6, val_every=2, save_every=2,
+                             val_windows=1, warmup=2, seed=seed)
+
+    straight = Trainer(settings(tmp_path / "a", 4))
+    straight.run()
+    first = Trainer(settings(tmp_path / "b", 2))
+    first.run()
+    resumed = Trainer(settings(tmp_path / "b", 4))
+    assert resumed.step == 2
+    result = resumed.run()
+    assert result["steps"] == 4 and result["steps_this_run"] == 2
+    for (name, a), (_, b) in zip(straight.net.state_dict().items(), resumed.net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert straight.history.train == resumed.history.train
+    assert (tmp_path / "b" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "b" / "checkpoint" / "config.json").exists()
+    other = Trainer(settings(tmp_path / "c", 4, seed=4))
+    other.run()
+    assert not torch.equal(other.net.text_head.weight, straight.net.text_head.weight)  # the seed matters
