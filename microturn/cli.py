@@ -117,6 +117,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from microturn.eval_duplex import eval_duplex
+
+    result = eval_duplex(args.checkpoint, args.set, via=args.via, limit=args.limit, plot=args.plot,
+                         device=args.device, model=args.model)
+    print(json.dumps(result))
+    return 0
+
+
 def _model(args: argparse.Namespace) -> int:
     from inference.checkpoint import init_checkpoint
 
@@ -218,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON")
+    eval_sub = evaluate.add_subparsers(dest="what", required=True)
+    duplex = eval_sub.add_parser("duplex", help="full-duplex behaviour on held-out conversations "
+                                 "(Full-Duplex-Bench-v1-style metrics)")
+    duplex.add_argument("--checkpoint", type=Path, help="the reference model's checkpoint folder")
+    duplex.add_argument("--model", choices=["reference", "echo"], default="reference",
+                        help="echo: the diagnostic (its speech is the user's, a micro-turn later)")
+    duplex.add_argument("--set", type=Path, required=True, help="a data set of `microturn data synth` (its test/ "
+                        "split is used) or a folder of conversations")
+    duplex.add_argument("--via", choices=["offline", "webrtc"], default="offline",
+                        help="offline: step the model directly; webrtc: a gateway and a browser-like client, "
+                        "in real time")
+    duplex.add_argument("--limit", type=int, help="at most this many conversations")
+    duplex.add_argument("--plot", type=Path, help="write a timeline PNG of user vs model speech here")
+    duplex.add_argument("--device", default="cpu")
+    duplex.set_defaults(func=_eval)
 
     model = sub.add_parser("model", help="make model checkpoints")
     model_sub = model.add_subparsers(dest="action", required=True)

@@ -95,6 +95,27 @@ class StillCameraTrack(VideoStreamTrack):
         return frame
 
 
+class ScheduledCameraTrack(VideoStreamTrack):
+    """A camera that shows ``frames[k]`` during micro-turn ``k`` of the microphone's clock, at 5 frames per second,
+    and sends nothing while ``on[k]`` is false (the gateway then drops the stale picture, as when a browser's camera
+    is turned off)."""
+
+    def __init__(self, frames: np.ndarray, on: np.ndarray, mic: SignalTrack) -> None:
+        super().__init__()
+        self.frames, self.shown, self.mic = frames, on, mic
+
+    async def recv(self) -> av.VideoFrame:
+        while True:
+            pts, time_base = await self.next_timestamp()
+            await asyncio.sleep(0.2 - 1 / 30)
+            start = self.mic.start
+            k = 0 if start is None else int((time.monotonic() - start) / 0.2)
+            if k < len(self.frames) and self.shown[k]:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(self.frames[k]), format="rgb24")
+                frame.pts, frame.time_base = pts, time_base
+                return frame
+
+
 @dataclass
 class Received:
     # (monotonic arrival, pts, mono, connection number): pts restart with every connection
@@ -113,12 +134,14 @@ class ProbeClient:
 
     def __init__(self, base_url: str, signal: np.ndarray, picture: np.ndarray | None = None,
                  loss: float = 0.0, seed: int = 0, fallback_urls: tuple[str, ...] = (), stall_s: float = 0.6,
-                 relay_only: bool = False) -> None:
+                 relay_only: bool = False, camera: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         audio_level.install()
         self.urls = [u.rstrip("/") for u in (base_url, *fallback_urls)]
         self.base_url = self.urls[0]
         self.signal = signal
         self.picture = picture
+        self.camera = camera  # (frames (T, H, W, 3), on (T,)): a camera scheduled by micro-turn
+        self.camera = camera  # (frames (T, H, W, 3), on (T,)): a camera scheduled by micro-turn
         self.mic = SignalTrack(signal)
         self.loss = loss
         self.stall_s = stall_s
@@ -235,6 +258,8 @@ class ProbeClient:
         self.pc.addTrack(self.mic)
         if self.picture is not None:
             self.pc.addTrack(StillCameraTrack(self.picture))
+        elif self.camera is not None:
+            self.pc.addTrack(ScheduledCameraTrack(*self.camera, self.mic))
         self.pc.on("track", self._on_track)
         self.channel.on("open", self.channel_open.set)
         self.channel.on("message", self._on_message)

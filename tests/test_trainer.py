@@ -24,7 +24,7 @@ def write_conversation(folder: Path, name: str, seed: int) -> Path:
     """A small conversation in the format of ``microturn data synth``: tones for speech, a card on the camera."""
     rng = np.random.default_rng(seed)
     t = np.arange(TURNS * 3200) / 16_000
-    user = np.where((t > 0.2) & (t < 1.0), 0.3 * np.sin(2 * np.pi * 300 * t), 0.0) + 0.01 * rng.standard_normal(t.size)
+    user = np.where((t > 0.2) & (t < 1.0), 0.3 * np.sin(2 * np.pi * 300 * t), 0.0) + 0.001 * rng.standard_normal(t.size)
     model = np.where((t > 1.4) & (t < 2.2), 0.3 * np.sin(2 * np.pi * 500 * t), 0.0)
     speaks = [bool(1.4 <= k * 0.2 < 2.2) for k in range(TURNS)]
     video = np.zeros((TURNS, 120, 160, 3), np.uint8)
@@ -40,7 +40,10 @@ def write_conversation(folder: Path, name: str, seed: int) -> Path:
     np.savez(folder / f"{name}.npz", user_audio=user.astype(np.float32), model_audio=model.astype(np.float32),
              video=video, camera=camera)
     meta = {"id": name, "turns": TURNS, "user_text": user_text, "background": background, "model_text": model_text,
-            "model_speaks": speaks}
+            "model_speaks": speaks, "scenario": "test", "user_speech": [[int(0.2 * 16_000), int(1.0 * 16_000)]],
+            "model_speech": [[int(1.4 * 16_000), int(2.2 * 16_000)]], "pauses": [], "overlaps": [],
+            "questions": [{"kind": "visual", "end": int(1.0 * 16_000), "answer": "red",
+                           "answer_start": int(1.4 * 16_000)}]}
     (folder / f"{name}.json").write_text(json.dumps(meta))
     return folder / f"{name}.npz"
 

@@ -1,0 +1,109 @@
+"""``microturn eval duplex``: play held-out conversations to a model and score its full-duplex behaviour.
+
+``--via offline`` steps the model directly (the engine's backend; output k placed at micro-turn k + 1, as the
+gateway plays it); ``--via webrtc`` starts a gateway process with the checkpoint and plays each conversation through
+a browser-like aiortc client in real time — the microphone carries the user's audio, the camera the conversation's
+frames (nothing while the camera is off), the data channel the typed text at its micro-turn — and records the reply
+time-aligned with the input. Background results come from the gateway's real background model there; offline, the
+conversation's scripted results are given to the model at their micro-turns. Metrics: :mod:`inference.duplex_eval`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.conversation import Conversation, conversations
+from inference.duplex_eval import Played, Recogniser, candidates, plot_timelines, score, summarise
+from inference.models import load_backend
+from microturn.client import ProbeClient
+from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn
+from microturn.local import free_port, serve
+from webrtc_gateway.ice import use_host_addresses
+from webrtc_gateway.resample import Decimator, Interpolator
+
+
+def _test_files(set_dir: Path) -> list[Path]:
+    return conversations(set_dir / "test") if (set_dir / "test").is_dir() else conversations(set_dir)
+
+
+def play_offline(conv: Conversation, model: Any, session_id: str = "eval") -> Played:
+    """Step ``model`` (a :class:`~microturn.contracts.ModelBackend`) through the conversation."""
+    model.open(session_id, 0)
+    audio = np.zeros(len(conv.user_audio) + MICRO_TURN_SAMPLES, np.float32)
+    captions: dict[int, str] = {}
+    try:
+        for k in range(conv.turns):
+            span = slice(k * MICRO_TURN_SAMPLES, (k + 1) * MICRO_TURN_SAMPLES)
+            turn = MicroTurn(session_id, k, conv.user_audio[span].astype(np.float32),
+                             conv.video[k] if conv.camera[k] else None, tuple(conv.meta["user_text"][k]),
+                             background=tuple(conv.meta["background"][k]))
+            out = model.step([turn])[0]
+            start = (k + 1) * MICRO_TURN_SAMPLES
+            audio[start:start + len(out.audio)] = out.audio
+            if out.text:
+                captions[k] = out.text
+    finally:
+        model.close(session_id)
+    return Played(audio[: len(conv.user_audio)], captions)
+
+
+async def play_webrtc(conv: Conversation, url: str, tail_s: float = 1.0) -> Played:
+    """Play the conversation to the gateway at ``url`` like a browser, in real time."""
+    seconds = len(conv.user_audio) / 16_000
+    signal = Interpolator().process(np.concatenate([conv.user_audio, np.zeros(16_000, np.float32)]))
+    client = ProbeClient(url, signal, camera=(conv.video, conv.camera))
+    try:
+        await client.connect()
+        for k, texts in enumerate(conv.meta["user_text"]):
+            for text in texts:
+                await asyncio.sleep(max(0.0, k * 0.2 + 0.05 - client.now()))
+                client.send({"type": "text", "text": text})
+        await asyncio.sleep(max(0.0, seconds + tail_s - client.now()))
+    finally:
+        await client.close()
+    out = Decimator().process(client.output(seconds)[: int(seconds * 48_000) // 3 * 3])
+    captions: dict[int, str] = {}
+    for c in client.captions():
+        captions[int(c["turn"])] = captions.get(int(c["turn"]), "") + str(c["text"])
+    return Played(out[: len(conv.user_audio)].astype(np.float32), captions)
+
+
+def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", limit: int | None = None,
+                plot: Path | None = None, device: str = "cpu", model: str = "reference") -> dict[str, Any]:
+    """Score the model on the test conversations of ``set_dir``; returns the JSON ``eval duplex`` prints.
+    ``model`` ``echo`` (no checkpoint) is the diagnostic: its speech is the user's, one micro-turn later."""
+    files = _test_files(set_dir)[:limit]
+    convs = [Conversation.load(f) for f in files]
+    recognise = Recogniser(candidates([c.meta for c in convs]))
+    played: list[Played] = []
+    if via == "offline":
+        backend = load_backend(model, checkpoint, device)
+        for i, conv in enumerate(convs):
+            played.append(play_offline(conv, backend, f"eval-{i}"))
+            print(f"\reval: {i + 1}/{len(convs)} conversations", end="", file=sys.stderr, flush=True)
+    elif via == "webrtc":
+        use_host_addresses(["127.0.0.1"])
+        port = free_port()
+        extra = ["--checkpoint", str(checkpoint)] if checkpoint is not None else []
+        proc = serve(port, "--model", model, "--device", device, *extra)
+        try:
+            for i, conv in enumerate(convs):
+                played.append(asyncio.run(play_webrtc(conv, f"http://127.0.0.1:{port}")))
+                print(f"\reval: {i + 1}/{len(convs)} conversations", end="", file=sys.stderr, flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    else:
+        raise ValueError(f"--via must be offline or webrtc, not {via!r}")
+    print(file=sys.stderr)
+    result = summarise([score(c.meta, p, recognise) for c, p in zip(convs, played, strict=True)])
+    result["via"], result["model"] = via, model
+    if plot is not None:
+        plot_timelines([(f.stem, c.meta, p) for f, c, p in zip(files, convs, played, strict=True)][:6], plot)
+        result["timeline_png"] = str(plot)
+    return result

@@ -1,0 +1,127 @@
+"""The duplex evaluator's metrics on hand-built timelines with known answers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.duplex_eval import Played, Recogniser, score, speech_spans, summarise
+
+SR = 16_000
+
+
+def tone(seconds: float, spans: list[tuple[float, float]], hz: float = 300.0) -> np.ndarray:
+    """Silence with a tone in each (start, end) span (seconds)."""
+    audio = np.zeros(int(seconds * SR), np.float32)
+    for start, end in spans:
+        t = np.arange(int(start * SR), int(end * SR))
+        audio[t] = 0.3 * np.sin(2 * np.pi * hz * t / SR)
+    return audio
+
+
+def s(seconds: float) -> int:
+    return int(seconds * SR)
+
+
+def test_energy_vad_finds_utterances_and_bridges_short_gaps() -> None:
+    audio = tone(5.0, [(0.5, 1.0), (1.1, 1.6), (3.0, 3.5)])  # a 100 ms gap inside the first utterance
+    assert speech_spans(audio) == [(s(0.5), s(1.6)), (s(3.0), s(3.5))]
+    assert speech_spans(np.zeros(SR, np.float32)) == []
+
+
+def test_turn_taking_pauses_and_latency() -> None:
+    meta = {
+        "user_speech": [[s(0.5), s(1.5)], [s(2.3), s(3.0)], [s(5.0), s(6.0)]],
+        "pauses": [[s(1.5), s(2.3)]],  # the user pauses mid-question for 0.8 s
+        "questions": [{"kind": "arithmetic", "end": s(3.0), "answer": "twelve", "answer_start": s(3.2)},
+                      {"kind": "counting", "end": s(6.0), "answer": "four", "answer_start": s(6.2)}],
+    }
+    # waits through the pause, answers the first question 0.3 s after its end, never answers the second
+    played = Played(tone(8.0, [(3.3, 4.0)]), {16: "twel", 17: "ve"})
+    got = score(meta, played)
+    assert (got.pauses, got.pause_takeovers) == (1, 0)
+    assert (got.turns, got.turn_takeovers) == (2, 1)
+    assert got.turn_latencies == [pytest.approx(0.3, abs=0.02)]
+    assert [a[3] for a in got.answers] == [True, False]  # caption text of the answer window
+    impatient = score(meta, Played(tone(8.0, [(1.7, 2.0), (3.3, 4.0)])))  # talks into the pause
+    assert impatient.pause_takeovers == 1
+    summary = summarise([got, impatient])
+    assert summary["pause_tor"] == 0.5 and summary["turn_tor"] == 0.5
+    assert summary["n_conversations"] == 2 and summary["answer_acc_text"] == 0.25
+
+
+def test_interruptions_stop_time_and_answer() -> None:
+    meta = {
+        "user_speech": [[s(0.5), s(1.0)], [s(2.0), s(2.8)]],
+        "overlaps": [[s(2.0), s(2.8)]],  # the user starts talking at 2.0 s while the model speaks
+        "questions": [],
+    }
+    stops_and_answers = Played(tone(5.0, [(1.2, 2.3), (3.1, 3.6)]))
+    got = score(meta, stops_and_answers)
+    assert got.interrupt_stops == [pytest.approx(0.3, abs=0.02)] and got.interrupt_answers == 1
+    talks_on = score(meta, Played(tone(5.0, [(1.2, 2.8)])))
+    assert talks_on.interrupt_stops == [pytest.approx(0.8, abs=0.02)] and talks_on.interrupt_answers == 0
+    summary = summarise([got, talks_on])
+    assert summary["interrupt_tor"] == 0.5
+    assert summary["interrupt_stop_s"]["p50"] == pytest.approx(0.55, abs=0.02)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_spoken_answers_are_recognised_among_the_candidates(tmp_path: Path) -> None:
+    def say(text: str) -> np.ndarray:
+        wav = tmp_path / "a.wav"
+        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True)
+        raw = subprocess.run(["sox", str(wav), "-t", "raw", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed",
+                              "-"], check=True, capture_output=True).stdout
+        return np.frombuffer(raw, "<i2").astype(np.float32) / 32768
+
+    recognise = Recogniser(["twelve", "four", "red", "circle", "seven"])
+    assert recognise(say("twelve")) == "twelve"
+    assert recognise(say("red")) == "red"
+    meta = {"user_speech": [[s(0.2), s(1.0)]],
+            "questions": [{"kind": "visual", "end": s(1.0), "answer": "red", "answer_start": s(1.3)}]}
+    answer = say("red")
+    audio = np.zeros(s(4.0), np.float32)
+    audio[s(1.3): s(1.3) + len(answer)] = answer
+    right = score(meta, Played(audio), recognise)
+    wrong_audio = np.zeros(s(4.0), np.float32)
+    seven = say("seven")
+    wrong_audio[s(1.3): s(1.3) + len(seven)] = seven
+    wrong = score(meta, Played(wrong_audio), recognise)
+    summary = summarise([right, wrong])
+    assert summary["answer_acc_audio"] == 0.5 and summary["visual_acc"] == 0.5
+
+
+async def test_the_runner_plays_conversations_time_aligned_through_webrtc_and_offline(tmp_path: Path) -> None:
+    """With the echo diagnostic the model's speech is the user's one micro-turn later: offline exactly 0.2 s later,
+    through the gateway 0.2 s plus the path's overhead, so the runner's clocks line up with the labels."""
+    from inference.conversation import Conversation
+    from inference.echo import EchoModel
+    from microturn.eval_duplex import eval_duplex, play_offline, play_webrtc
+    from tests.conftest import loopback_settings, start_gateway
+    from tests.test_trainer import write_conversation
+
+    conv = Conversation.load(write_conversation(tmp_path / "test", "c0", 0))
+    (user_start, user_end), = conv.meta["user_speech"]
+    offline = speech_spans(play_offline(conv, EchoModel()).audio)
+    assert offline[0][0] - user_start == pytest.approx(0.2 * SR, abs=0.02 * SR)
+    server = await start_gateway(loopback_settings())
+    try:
+        live = speech_spans((await play_webrtc(conv, str(server.make_url("/")))).audio)
+    finally:
+        await server.close()
+    delay = (live[0][0] - user_start) / SR
+    assert 0.2 <= delay <= 0.3, delay  # one micro-turn plus the WebRTC path
+    assert (live[0][1] - live[0][0]) / SR == pytest.approx((user_end - user_start) / SR, abs=0.1)
+
+    result = await asyncio.to_thread(eval_duplex, None, tmp_path, "offline", None, tmp_path / "timeline.png",
+                                     "cpu", "echo")
+    assert set(result) >= {"pause_tor", "turn_tor", "turn_latency_s", "interrupt_stop_s", "interrupt_tor",
+                           "answer_acc_audio", "answer_acc_text", "visual_acc", "n_conversations"}
+    assert result["n_conversations"] == 1
+    assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
