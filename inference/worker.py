@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -32,6 +31,7 @@ from inference.models import load_backend
 from microturn import wire
 from microturn.config import Settings
 from microturn.contracts import MicroTurn, MicroTurnOutput, SessionClosed, TurnNotStepped
+from microturn.service import serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -289,14 +289,8 @@ def create_worker_app(settings: Settings) -> web.Application:
 
 async def run_worker(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain and shut down."""
-    app = create_worker_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
-    await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await app[WORKER].drain(settings.drain_timeout_s)
-    await runner.cleanup()
+
+    async def drain(app: web.Application) -> None:
+        await app[WORKER].drain(settings.drain_timeout_s)
+
+    await serve_until_signalled(create_worker_app(settings), settings.host, settings.port, drain)

@@ -34,25 +34,8 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: fl
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def serve(port: int, *args: str, gateway_id: str | None = None) -> subprocess.Popen[bytes]:
-    """Start ``microturn serve`` on loopback (media too) and wait until it is live."""
-    env = {**os.environ, **({"MICROTURN_GATEWAY_ID": gateway_id} if gateway_id else {})}
-    proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", "serve", "--port", str(port),
-                             "--ice-host", "127.0.0.1", "--log-level", "WARNING", *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/livez", proc)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc
-
-
-def worker(port: int, *args: str, worker_id: str | None = None) -> subprocess.Popen[bytes]:
-    """Start ``microturn worker`` on loopback and wait until it is live."""
-    extra = ["--worker-id", worker_id] if worker_id else []
-    proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", "worker", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "WARNING", *extra, *args],
+def _start(command: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "microturn.cli", *command], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{port}/livez", proc)
@@ -60,3 +43,17 @@ def worker(port: int, *args: str, worker_id: str | None = None) -> subprocess.Po
         proc.kill()
         raise
     return proc
+
+
+def serve(port: int, *args: str, gateway_id: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``microturn serve`` on loopback (media too) and wait until it is live."""
+    env = {**os.environ, **({"MICROTURN_GATEWAY_ID": gateway_id} if gateway_id else {})}
+    return _start(["serve", "--port", str(port), "--ice-host", "127.0.0.1", "--log-level", "WARNING", *args], port,
+                  env)
+
+
+def worker(port: int, *args: str, worker_id: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``microturn worker`` on loopback and wait until it is live."""
+    extra = ["--worker-id", worker_id] if worker_id else []
+    return _start(["worker", "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING", *extra, *args],
+                  port)

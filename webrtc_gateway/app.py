@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from inference.engine import Engine
 from inference.models import load_backend
 from microturn.config import Settings
 from microturn.contracts import MicroTurnEngine
+from microturn.service import serve_until_signalled
 from webrtc_gateway import api, audio_level, metrics, turn
 from webrtc_gateway.gateway import Gateway
 from webrtc_gateway.ice import use_host_addresses
@@ -124,17 +124,11 @@ async def _close_peers(app: web.Application) -> None:
 
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then drain (see :meth:`Gateway.drain`) and shut down."""
-    app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
-    await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await app[api.GATEWAY].drain(settings.drain_timeout_s)
-    await runner.cleanup()
+
+    async def drain(app: web.Application) -> None:
+        await app[api.GATEWAY].drain(settings.drain_timeout_s)
+
+    await serve_until_signalled(create_app(settings), settings.host, settings.port, drain)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -1,0 +1,27 @@
+"""Running an aiohttp application as a service: serve until SIGTERM or SIGINT, drain, then shut down.
+
+``microturn serve`` (the gateway) and ``microturn worker`` both run this way; what draining means is theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+
+async def serve_until_signalled(app: web.Application, host: str, port: int,
+                                drain: Callable[[web.Application], Awaitable[None]]) -> None:
+    """Serve ``app`` on ``host:port``; on SIGTERM or SIGINT await ``drain(app)``, then clean up."""
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await drain(app)
+    await runner.cleanup()
