@@ -126,6 +126,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from inference.synth.generate import synthesize
+
+    manifest = synthesize(args.out, args.hours, args.seed, workers=args.workers)
+    print(f"wrote {manifest['conversations']} conversations ({manifest['hours_produced']:.3f} h) to {args.out}",
+          file=sys.stderr)
+    return 0
+
+
 def _model(args: argparse.Namespace) -> int:
     from inference.checkpoint import init_checkpoint
 
@@ -244,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     duplex.add_argument("--plot", type=Path, help="write a timeline PNG of user vs model speech here")
     duplex.add_argument("--device", default="cpu")
     duplex.set_defaults(func=_eval)
+
+    data = sub.add_parser("data", help="make training and evaluation data")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    synth = data_sub.add_parser("synth", help="render scripted two-party conversations as micro-turn streams")
+    synth.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    synth.add_argument("--hours", type=float, default=1.0, help="total audio to produce (about)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, help="rendering processes (default: one per core)")
+    synth.set_defaults(func=_data)
 
     model = sub.add_parser("model", help="make model checkpoints")
     model_sub = model.add_subparsers(dest="action", required=True)

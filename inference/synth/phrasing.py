@@ -1,0 +1,97 @@
+"""Phrasing templates: the wordings a user speaks or types, each with a stable id, and number words.
+
+A template's id is ``KIND.NN`` (e.g. ``arithmetic.03``); :mod:`inference.synth.splits` gives each template to
+exactly one split, so a wording heard in test is never heard in training. Placeholders: ``{a}``, ``{op}``, ``{b}``
+(spoken arithmetic: number words and ``plus``/``minus``/``times``; typed arithmetic: digits and ``{sym}``),
+``{n}`` (counting). A ``|`` marks where a user may pause mid-question; it is dropped when the user does not pause.
+No two templates share a text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Template:
+    """One wording of one kind of user turn."""
+
+    id: str
+    kind: str
+    text: str
+
+    def fill(self, **values: object) -> str:
+        """The wording with its placeholders filled, the pause mark dropped."""
+        return " ".join(self.text.replace("|", " ").format(**values).split())
+
+    def halves(self, **values: object) -> tuple[str, str]:
+        """The wording cut at its pause mark: what comes before the pause, and after."""
+        head, tail = self.text.format(**values).split("|")
+        return head.strip(), tail.strip()
+
+
+_TEXTS: dict[str, tuple[str, ...]] = {
+    "greeting": ("hello", "hi there", "hey, hello", "good morning", "hello, can you hear me", "hi, is anybody there",
+                 "hey", "good afternoon", "hello again", "hi, how is it going"),
+    "arithmetic": ("what is {a} {op} | {b}", "what's {a} {op} | {b}", "how much is {a} | {op} {b}",
+                   "tell me {a} {op} | {b}", "{a} {op} {b}, what | does that make",
+                   "do you know what {a} {op} | {b} makes",
+                   "what do you get for {a} | {op} {b}", "quick question, what is | {a} {op} {b}",
+                   "so, {a} {op} | {b} is what", "could you tell me what {a} {op} | {b} is"),
+    "counting": ("count to | {n}", "can you count to | {n}", "please count up | to {n}", "count from one | to {n}",
+                 "let's hear you count | to {n}", "could you count to | {n} for me", "count up to | {n} please"),
+    "colour": ("what colour is | this", "what color is this | card", "which colour | do you see",
+               "can you tell me the | colour of this", "what colour am I | showing you",
+               "tell me what | colour this is"),
+    "shape": ("what shape is | this", "which shape is | on this card", "what shape am I | holding up",
+              "can you tell me what | shape this is", "name this | shape", "what shape | do you see"),
+    "number": ("what number is | this", "which number is | on this card", "what digit am I | showing",
+               "can you read | this number", "what number | do you see", "tell me the number | on this card"),
+    "statement": (
+        "so yesterday I went to the market to buy some apples",
+        "the weather was really nice in the morning so I walked",
+        "on the way I met an old friend from school",
+        "we talked for a while about our families and work",
+        "then it started to rain and we had to find a cafe",
+        "the cafe was small but the coffee was very good",
+        "after that I went home and cooked a big dinner",
+        "my sister called me in the evening to talk about her trip",
+        "she is planning to visit the mountains next month",
+        "I think I might go with her if I can take some days off",
+        "last weekend we repainted the kitchen a light green",
+        "it took much longer than we expected",
+        "the neighbours have a new dog that barks every morning",
+        "I have been reading a long book about the history of ships",
+        "tomorrow I need to fix the bicycle and water the garden",
+    ),
+    "typed_arithmetic": ("what is {a} {sym} {b}?", "{a} {sym} {b} = ?", "{a}{sym}{b}", "how much is {a} {sym} {b}",
+                         "calc {a} {sym} {b}", "{a} {sym} {b}?", "quick: {a} {sym} {b}"),
+    "typed_counting": ("count to {n}", "pls count to {n}", "can you count to {n}?", "count 1 to {n}",
+                       "counting to {n} please", "count up to {n}!"),
+    "background": ("can you work out {a} {op} {b}", "could you calculate {a} {op} {b} for me",
+                   "I need the result of {a} {op} {b}", "please compute {a} {op} {b}", "what does {a} {op} {b} come to",
+                   "figure out {a} {op} {b} for me", "what would {a} {op} {b} be"),
+}
+
+TEMPLATES: dict[str, tuple[Template, ...]] = {
+    kind: tuple(Template(f"{kind}.{i:02d}", kind, text) for i, text in enumerate(texts))
+    for kind, texts in _TEXTS.items()
+}
+"""Every template, by kind."""
+
+_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def number_words(n: int) -> str:
+    """0 ≤ n < 1000 in plain lowercase words: ``7`` → ``seven``, ``42`` → ``forty two``, ``144`` → ``one hundred
+    forty four``."""
+    if not 0 <= n < 1000:
+        raise ValueError(f"number_words takes 0–999, got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    rest = n % 100
+    return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
