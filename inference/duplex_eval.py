@@ -15,7 +15,8 @@ user's is the generator's exact labels. Metrics:
 - ``interrupt_stop_s`` and ``interrupt_tor``: when the user talks over the model, how long the model's speech goes on
   after the user's onset; and the fraction of those interruptions whose new question the model then answers.
 - ``answer_acc_audio``: spoken answers recognised by pocketsphinx (en-us, shipped in its wheel), constrained to the
-  candidate answers of the test set, equal to the expected answer; ``answer_acc_text``: the captions of the answer
+  candidate answers of the test set: one of the model's utterances between the question's end and the user's next
+  speech is recognised as the expected answer; ``answer_acc_text``: the captions of the answer
   window contain it; ``visual_acc``: ``answer_acc_audio`` over the visual questions.
 """
 
@@ -133,12 +134,14 @@ def score(meta: dict[str, Any], played: Played, recognise: Any = None) -> Conver
         if onset is not None and _active_until(model, end) is None:
             s.turn_takeovers += 1
             s.turn_latencies.append((onset - end) / SAMPLE_RATE)
+        if q.get("interrupted"):
+            continue  # the user cut the answer off: scored as an interruption, not as an answer
         answered_until = next_user_start(end)
-        window = played.audio[end:answered_until]
         first, last = end // MICRO_TURN_SAMPLES, answered_until // MICRO_TURN_SAMPLES + 1
         caption = "".join(played.captions.get(k, "") for k in range(first, last + 1)).lower()
         expected = str(q["answer"]).lower()
-        audio_ok = bool(recognise is not None and onset is not None and recognise(window) == expected)
+        utterances = [played.audio[a:b] for a, b in model if b > end and a < answered_until]
+        audio_ok = recognise is not None and any(recognise(u) == spoken(expected) for u in utterances)
         s.answers.append((str(q["kind"]), expected, audio_ok, expected in caption))
     for onset in meta.get("overlaps", []):
         at = int(onset[0] if isinstance(onset, list | tuple) else onset)
@@ -182,14 +185,15 @@ def summarise(scores: list[ConversationScore]) -> dict[str, Any]:
 
 
 class Recogniser:
-    """pocketsphinx (en-us, from its wheel) constrained to a list of candidate answers."""
+    """pocketsphinx (en-us, from its wheel) constrained to the candidate answers: which of them an utterance is."""
 
     def __init__(self, candidates: Sequence[str]) -> None:
         from pocketsphinx import Decoder
 
-        words = sorted({c.lower() for c in candidates if c.strip()})
         self.decoder = Decoder(samprate=SAMPLE_RATE, lm=None, loglevel="FATAL")
-        grammar = "#JSGF V1.0;\ngrammar answers;\npublic <answer> = " + " | ".join(words) + " ;\n"
+        known = self.decoder.lookup_word
+        answers = sorted({c.lower() for c in candidates if c.strip() and all(known(w) for w in c.lower().split())})
+        grammar = "#JSGF V1.0;\ngrammar answers;\npublic <answer> = " + " | ".join(answers) + " ;\n"
         self.decoder.add_jsgf_string("answers", grammar.encode())
         self.decoder.activate_search("answers")
 
@@ -225,5 +229,37 @@ def plot_timelines(items: list[tuple[str, dict[str, Any], Played]], path: Path) 
 
 
 def candidates(metas: list[dict[str, Any]]) -> list[str]:
-    """Every expected answer of the set: what the recogniser may choose from."""
-    return sorted({str(q["answer"]).lower() for m in metas for q in m.get("questions", [])})
+    """Every expected answer of the set, as spoken: what the recogniser may choose from."""
+    return sorted({spoken(str(q["answer"]).lower()) for m in metas for q in m.get("questions", [])})
+
+
+_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def spoken(answer: str) -> str:
+    """An answer as words: digits (e.g. a background result, "1771") as espeak-ng says them ("one thousand seven
+    hundred and seventy one"); words unchanged."""
+    if not answer.isdigit() or len(answer) > 6:
+        return answer
+
+    def below_thousand(n: int) -> list[str]:
+        words = []
+        if n >= 100:
+            words += [_ONES[n // 100], "hundred"] + (["and"] if n % 100 else [])
+            n %= 100
+        if n >= 20:
+            words += [_TENS[n // 10]] + ([_ONES[n % 10]] if n % 10 else [])
+        elif n or not words:
+            words.append(_ONES[n])
+        return words
+
+    n = int(answer)
+    if n < 1000:
+        return " ".join(below_thousand(n))
+    rest = n % 1000
+    words = below_thousand(n // 1000) + ["thousand"]
+    if rest:
+        words += (["and"] if rest < 100 else []) + below_thousand(rest)
+    return " ".join(words)

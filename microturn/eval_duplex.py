@@ -76,12 +76,15 @@ async def play_webrtc(conv: Conversation, url: str, tail_s: float = 1.0) -> Play
 def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", limit: int | None = None,
                 plot: Path | None = None, device: str = "cpu", model: str = "reference") -> dict[str, Any]:
     """Score the model on the test conversations of ``set_dir``; returns the JSON ``eval duplex`` prints.
-    ``model`` ``echo`` (no checkpoint) is the diagnostic: its speech is the user's, one micro-turn later."""
+    ``model`` ``echo`` (no checkpoint) is the diagnostic: its speech is the user's, one micro-turn later; ``oracle``
+    scores the conversations' own targets (the best a model can get)."""
     files = _test_files(set_dir)[:limit]
     convs = [Conversation.load(f) for f in files]
     recognise = Recogniser(candidates([c.meta for c in convs]))
     played: list[Played] = []
-    if via == "offline":
+    if model == "oracle":  # the conversation's own target: what a perfect model would do (the metrics' ceiling)
+        played = [Played(c.model_audio, {k: t for k, t in enumerate(c.meta["model_text"]) if t}) for c in convs]
+    elif via == "offline":
         backend = load_backend(model, checkpoint, device)
         for i, conv in enumerate(convs):
             played.append(play_offline(conv, backend, f"eval-{i}"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.duplex_eval import Played, Recogniser, score, speech_spans, summarise
+from inference.duplex_eval import Played, Recogniser, score, speech_spans, spoken, summarise
 
 SR = 16_000
 
@@ -125,3 +125,14 @@ async def test_the_runner_plays_conversations_time_aligned_through_webrtc_and_of
                            "answer_acc_audio", "answer_acc_text", "visual_acc", "n_conversations"}
     assert result["n_conversations"] == 1
     assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_digit_answers_are_recognised_as_spoken_and_interrupted_answers_are_not_scored() -> None:
+    assert spoken("492") == "four hundred and ninety two"
+    assert spoken("1771") == "one thousand seven hundred and seventy one"
+    assert spoken("40") == "forty" and spoken("7") == "seven" and spoken("twelve") == "twelve"
+    meta = {"user_speech": [[s(0.2), s(1.0)], [s(1.8), s(2.4)]], "overlaps": [[s(1.8), s(2.4)]],
+            "questions": [{"kind": "arithmetic", "end": s(1.0), "answer": "twelve", "interrupted": True},
+                          {"kind": "arithmetic", "end": s(2.4), "answer": "four", "interrupted": False}]}
+    got = score(meta, Played(tone(4.0, [(1.3, 1.9), (2.7, 3.0)]), {13: "four"}))
+    assert [a[1] for a in got.answers] == ["four"]  # the cut-off answer is not counted as a miss
