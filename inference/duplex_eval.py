@@ -140,7 +140,8 @@ def score(meta: dict[str, Any], played: Played, recognise: Any = None) -> Conver
         first, last = end // MICRO_TURN_SAMPLES, answered_until // MICRO_TURN_SAMPLES + 1
         caption = "".join(played.captions.get(k, "") for k in range(first, last + 1)).lower()
         expected = str(q["answer"]).lower()
-        utterances = [played.audio[a:b] for a, b in model if b > end and a < answered_until]
+        pad = SAMPLE_RATE // 10  # the detector cuts close; the recogniser wants the edges of the words
+        utterances = [played.audio[max(end, a - pad):b + pad] for a, b in model if b > end and a < answered_until]
         audio_ok = recognise is not None and any(recognise(u) == spoken(expected) for u in utterances)
         s.answers.append((str(q["kind"]), expected, audio_ok, expected in caption))
     for onset in meta.get("overlaps", []):

