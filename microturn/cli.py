@@ -242,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     duplex = eval_sub.add_parser("duplex", help="full-duplex behaviour on held-out conversations "
                                  "(Full-Duplex-Bench-v1-style metrics)")
     duplex.add_argument("--checkpoint", type=Path, help="the reference model's checkpoint folder")
-    duplex.add_argument("--model", choices=["reference", "echo", "oracle"], default="reference",
-                        help="echo: the diagnostic (its speech is the user's, a micro-turn later); oracle: the "
-                        "conversations' own targets (the metrics' ceiling)")
+    duplex.add_argument("--model", default="reference",
+                        help="reference (default); echo: the diagnostic (its speech is the user's, a micro-turn "
+                        "later); oracle: the conversations' own targets (the metrics' ceiling); oracle-glN: the "
+                        "targets' mel through N-iteration Griffin-Lim (the ceiling with that vocoder; N=4 on tiny)")
     duplex.add_argument("--set", type=Path, required=True, help="a data set of `microturn data synth` (its test/ "
                         "split is used) or a folder of conversations")
     duplex.add_argument("--via", choices=["offline", "webrtc"], default="offline",

@@ -73,6 +73,19 @@ async def play_webrtc(conv: Conversation, url: str, tail_s: float = 1.0) -> Play
     return Played(out[: len(conv.user_audio)].astype(np.float32), captions)
 
 
+def griffin_lim(audio: np.ndarray, iters: int) -> np.ndarray:
+    """``audio`` → its log-mel, micro-turn by micro-turn (as the model's flow head makes it) → Griffin-Lim."""
+    import torch
+
+    from inference import dmel
+    from inference.vocoder import GriffinLim
+
+    turns = torch.from_numpy(audio.reshape(-1, MICRO_TURN_SAMPLES).copy())
+    mel = dmel.micro_turn_log_mel(turns).reshape(1, -1, dmel.N_MELS)  # (1, frames, 80)
+    out = GriffinLim(iters)(mel)[0].numpy().astype(np.float32)
+    return np.pad(out, (0, max(0, len(audio) - len(out))))[: len(audio)]
+
+
 def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", limit: int | None = None,
                 plot: Path | None = None, device: str = "cpu", model: str = "reference") -> dict[str, Any]:
     """Score the model on the test conversations of ``set_dir``; returns the JSON ``eval duplex`` prints.
@@ -84,6 +97,9 @@ def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", li
     played: list[Played] = []
     if model == "oracle":  # the conversation's own target: what a perfect model would do (the metrics' ceiling)
         played = [Played(c.model_audio, {k: t for k, t in enumerate(c.meta["model_text"]) if t}) for c in convs]
+    elif model.startswith("oracle-gl"):  # the targets' mel through Griffin-Lim: a perfect model's ceiling with it
+        played = [Played(griffin_lim(c.model_audio, int(model.removeprefix("oracle-gl") or 4)),
+                         {k: t for k, t in enumerate(c.meta["model_text"]) if t}) for c in convs]
     elif via == "offline":
         backend = load_backend(model, checkpoint, device)
         for i, conv in enumerate(convs):
