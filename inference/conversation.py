@@ -30,7 +30,7 @@ from inference.config import ModelConfig
 from inference.layout import Tokens, TurnLayout
 from inference.reference import MAX_TEXT_BACKLOG
 from inference.train import TurnExample
-from inference.video import patches_at
+from inference.video import fit_frame, patches_at
 from microturn.contracts import MICRO_TURN_SAMPLES, PATCH
 
 
@@ -92,7 +92,7 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
         heard = dmel.quantize(dmel.micro_turn_log_mel(torch.from_numpy(conv.user_audio[span].copy())[None]))[0]
         video = None
         if conv.camera[k]:
-            frame = _fit(conv.video[k], cfg)
+            frame = fit_frame(conv.video[k], cfg.video_height, cfg.video_width)
             n_patches = (cfg.video_height // PATCH) * (cfg.video_width // PATCH)
             pixels, places = patches_at(frame, layout.video_patches(k, n_patches).tolist())
             video = Tokens.of_patches(pixels, places, cfg.frames_per_token, cfg.n_mels)
@@ -102,11 +102,3 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
                                tokenizer.SPEAK if speaks else tokenizer.SILENT, ids, mel))
     return out
 
-
-def _fit(frame: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    if frame.shape[:2] == (cfg.video_height, cfg.video_width):
-        return frame
-    t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
-    size = (cfg.video_height, cfg.video_width)
-    return torch.nn.functional.interpolate(t, size=size, mode="area")[0].permute(1, 2, 0).round().to(
-        torch.uint8).numpy()

@@ -40,7 +40,7 @@ from inference.dmel import LOG_MIN, DMelStream, quantize
 from inference.kv_cache import AttentionPlan, KVPool
 from inference.layout import AUDIO_IN, AUDIO_OUT, FEATURE, TEXT, Tokens, TurnLayout
 from inference.model import ReferenceNet, rope_tables
-from inference.video import patches_at
+from inference.video import fit_frame, patches_at
 from inference.vocoder import GriffinLim, Vocoder
 from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn, MicroTurnOutput, OutputEvent
 
@@ -266,7 +266,7 @@ class ReferenceModel:
         for b in picked:
             video = turns[b].video
             assert video is not None
-            frame = self._fit_frame(video)
+            frame = fit_frame(video, self.cfg.video_height, self.cfg.video_width)
             pixels, places = patches_at(frame, self.layout.video_patches(turns[b].index, self.cfg.patches).tolist())
             patches.append(pixels)
             grids.append(places)
@@ -274,13 +274,6 @@ class ReferenceModel:
         for b, f in zip(picked, features.half().cpu().split(self.cfg.video_slots), strict=True):
             out[b] = f
         return out
-
-    def _fit_frame(self, video: np.ndarray) -> np.ndarray:
-        size = (self.cfg.video_height, self.cfg.video_width)
-        if video.shape[:2] == size:
-            return video
-        t = torch.from_numpy(np.ascontiguousarray(video)).permute(2, 0, 1)[None].float()
-        return F.interpolate(t, size=size, mode="area")[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
 
     def _vocode(self, sessions: list[Session], mel: torch.Tensor, talkers: list[int]) -> list[np.ndarray]:
         """Each session's 3200 output samples, :data:`SEAM` samples late: the vocoder for speaking sessions,

@@ -14,6 +14,15 @@ from torch import nn
 from microturn.contracts import PATCH
 
 
+def fit_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An (H, W, 3) uint8 frame resized to (height, width) by area averaging (unchanged if it already fits)."""
+    if frame.shape[:2] == (height, width):
+        return frame
+    t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+    resized = torch.nn.functional.interpolate(t, size=(height, width), mode="area")
+    return resized[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
+
+
 def patches_at(frame: np.ndarray, which: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Patches number ``which`` (row-major) of an (H, W, 3) uint8 frame: (n, 3, 40, 40) uint8 pixels and their
     (n, 2) (row, col) places."""
