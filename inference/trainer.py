@@ -33,7 +33,7 @@ from inference.config import preset as get_preset
 from inference.conversation import Conversation, conversations, examples
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
-from inference.train import build_batch, compute_losses, train_step
+from inference.train import TrainBatch, build_batch, compute_losses, train_step
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Trainer:
             self._cache[path] = Conversation.load(path)
         return self._cache[path]
 
-    def _batch(self) -> Any:
+    def _batch(self) -> TrainBatch:
         sequences = []
         for _ in range(self.s.batch):
             path = self.train_files[int(torch.randint(0, len(self.train_files), (), generator=self.data_gen))]

@@ -187,9 +187,9 @@ class Worker:
         def done(f: asyncio.Future[MicroTurnOutput]) -> None:
             if sid in conn.queued:
                 conn.queued[sid] -= 1
-            if f.cancelled() or isinstance(f.exception(), SessionClosed):
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled() or isinstance(exc, SessionClosed):
                 return
-            exc = f.exception()
             if exc is not None:
                 failed(str(exc) if isinstance(exc, TurnNotStepped) else f"{type(exc).__name__}: {exc}")
             else:

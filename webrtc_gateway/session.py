@@ -43,7 +43,7 @@ from microturn.contracts import (
     SessionClosed,
     TurnNotStepped,
 )
-from microturn.histogram import SECONDS_BUCKETS, Histogram
+from microturn.histogram import Histogram
 from webrtc_gateway import messages, peer_stats
 from webrtc_gateway.background import SessionBackground
 from webrtc_gateway.conversation_log import ConversationLog
@@ -99,7 +99,7 @@ class GatewaySession:
 
     def __init__(self, session_id: str, seed: int, settings: Settings, engine: MicroTurnEngine, log: ConversationLog,
                  on_closed: Callable[[GatewaySession], Awaitable[None]], background: SessionBackground,
-                 turn_latency: Histogram | None = None) -> None:
+                 turn_latency: Histogram) -> None:
         self.session_id = session_id
         self.background = background
         self.seed = seed
@@ -120,7 +120,7 @@ class GatewaySession:
         self.captions_sent = 0
         self.turns_not_stepped = 0
         self.peer: peer_stats.PeerStats | None = None  # inbound audio quality, sampled for /metrics
-        self.turn_latency = turn_latency or Histogram(SECONDS_BUCKETS)
+        self.turn_latency = turn_latency  # the gateway's: micro-turn submitted → output back, all sessions
         self.errors_sent = 0
         self.messages_received = 0
         self._on_closed = on_closed
@@ -188,10 +188,10 @@ class GatewaySession:
                 turn = int(message.get("turn", -1))
                 k = counts[turn] = counts.get(turn, -1) + 1
                 request = str((message.get("data") or {}).get("request", "")).strip()
-                if request and model_task_id(turn, k) not in known:
+                task_id = model_task_id(turn, k)
+                if request and task_id not in known:
                     log.info("session %s: restarting the model's request of micro-turn %d, whose task was lost",
                              self.session_id, turn)
-                    task_id = model_task_id(turn, k)
                     self.background.start_or_fail(request, "model", task_id, plan.delivered.get(task_id, 0))
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:

@@ -24,9 +24,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -131,33 +133,33 @@ class WorkerLink:
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         e = self.engine
         async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.BINARY:
-                    continue
-                frame = wire.decode(msg.data)
-                if frame.kind in (wire.Kind.HELLO, wire.Kind.LOAD):
-                    self._report(frame.header)
-                elif frame.kind == wire.Kind.OPENED:
-                    waiter = self.opening.pop(str(frame.header.get("sid")), None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(frame.header.get("error"))
-                elif frame.kind == wire.Kind.OUTPUT:
-                    output, worker_s = wire.decode_output(frame)
-                    e.answered(self, output, worker_s)
-                elif frame.kind == wire.Kind.FAILED:
-                    e.failed(self, str(frame.header.get("sid")), int(frame.header.get("index", -1)),
-                             str(frame.header.get("error", "")))
-                else:
-                    raise wire.WireError(f"a worker does not send {frame.kind.name}")
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                continue
+            frame = wire.decode(msg.data)
+            if frame.kind in (wire.Kind.HELLO, wire.Kind.LOAD):
+                self._report(frame.header)
+            elif frame.kind == wire.Kind.OPENED:
+                waiter = self.opening.pop(str(frame.header.get("sid")), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(frame.header.get("error"))
+            elif frame.kind == wire.Kind.OUTPUT:
+                output, worker_s = wire.decode_output(frame)
+                e.answered(self, output, worker_s)
+            elif frame.kind == wire.Kind.FAILED:
+                e.failed(self, str(frame.header.get("sid")), int(frame.header.get("index", -1)),
+                         str(frame.header.get("error", "")))
+            else:
+                raise wire.WireError(f"a worker does not send {frame.kind.name}")
 
-    def _report(self, header: dict[str, object]) -> None:
+    def _report(self, header: dict[str, Any]) -> None:
         was_draining = self.draining
         if "worker_id" in header:
             self.worker_id = str(header["worker_id"])
             if not self.up:
                 log.info("worker %s up at %s", self.worker_id, self.url)
             self.up = True
-        self.capacity = int(header.get("capacity", 0))  # type: ignore[call-overload]
-        self.load = int(header.get("sessions", 0))  # type: ignore[call-overload]
+        self.capacity = int(header.get("capacity", 0))
+        self.load = int(header.get("sessions", 0))
         self.draining = bool(header.get("draining", False))
         if self.draining and not was_draining:
             log.info("worker %s is draining; moving its sessions", self.worker_id)
@@ -183,11 +185,9 @@ class RemoteStats:
 
     reassignments: int = 0
     turns_resent: int = 0
-    turns_failed: int = 0
     hop_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
     round_trip_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=65536))  # sent → output back
     hop_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
-    turn_hist: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))  # submit → output
 
 
 class RemoteEngine:
@@ -300,7 +300,6 @@ class RemoteEngine:
         self.stats.hop_seconds.append(hop)
         self.stats.hop_hist.observe(hop)
         self.stats.round_trip_seconds.append(now - t.sent)
-        self.stats.turn_hist.observe(now - t.queued)
         s.recent.append((output.index, output.context))
         if not t.future.done():
             t.future.set_result(output)
@@ -311,7 +310,6 @@ class RemoteEngine:
             return
         t = s.turns.pop(index, None)
         if t is not None and not t.future.done():
-            self.stats.turns_failed += 1
             t.future.set_exception(TurnNotStepped(f"worker {link.worker_id}: {error}"))
 
     def move_all(self, link: WorkerLink, graceful: bool) -> None:
@@ -358,10 +356,9 @@ class RemoteEngine:
         """The context records of every micro-turn the session's model has answered, in order."""
         logged, _ = await self.store.history(s.session_id)
         last = logged[-1][0] if logged else -1
-        tail = [(i, c) for i, c in s.recent if i > last]
-        if len(s.recent) == s.recent.maxlen and tail and tail[0][0] == s.recent[0][0] and tail[0][0] > last + 1:
+        if len(s.recent) == s.recent.maxlen and s.recent[0][0] > last + 1:  # outputs in between are forgotten
             raise StoreUnavailable(f"the conversation log ends at micro-turn {last}, too far behind to rebuild from")
-        return [c for _, c in logged] + [c for _, c in tail]
+        return [c for _, c in logged] + [c for i, c in s.recent if i > last]
 
     async def _move(self, s: _Session, graceful: bool) -> None:
         old = s.link
@@ -402,7 +399,6 @@ class RemoteEngine:
             if t.queued < cutoff:
                 del s.turns[index]
                 if not t.future.done():
-                    self.stats.turns_failed += 1
                     t.future.set_exception(WorkerUnavailable("no worker answered within "
                                                              f"{HOLD_LIMIT_S:.0f} s (worker moving)"))
 
@@ -440,7 +436,7 @@ async def _addresses(url: str) -> set[str] | None:
     except ValueError:
         pass
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port, type=1)  # SOCK_STREAM
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port, type=socket.SOCK_STREAM)
     except OSError as exc:
         log.warning("worker host %s does not resolve: %s", host, exc)
         return None
