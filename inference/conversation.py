@@ -67,6 +67,10 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
     """Micro-turns ``[start, start + length)`` of ``conv`` as training examples (the queues run from turn 0)."""
     layout = TurnLayout.of(cfg)
     end = conv.turns if length is None else min(conv.turns, start + length)
+    span = slice(start * MICRO_TURN_SAMPLES, end * MICRO_TURN_SAMPLES)
+    fb = dmel.mel_filterbank()
+    heard = dmel.quantize(dmel.micro_turn_log_mel(_turns(conv.user_audio[span]), fb))  # (n, frames, n_mels)
+    said = dmel.micro_turn_log_mel(_turns(conv.model_audio[span]), fb)
     text_in: deque[int] = deque()
     caption: deque[int] = deque()
     out: list[TurnExample] = []
@@ -88,17 +92,19 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
             ids = [tokenizer.PAD] * cfg.text_out
         if k < start:
             continue
-        span = slice(k * MICRO_TURN_SAMPLES, (k + 1) * MICRO_TURN_SAMPLES)
-        heard = dmel.quantize(dmel.micro_turn_log_mel(torch.from_numpy(conv.user_audio[span].copy())[None]))[0]
         video = None
         if conv.camera[k]:
             frame = fit_frame(conv.video[k], cfg.video_height, cfg.video_width)
             n_patches = (cfg.video_height // PATCH) * (cfg.video_width // PATCH)
             pixels, places = patches_at(frame, layout.video_patches(k, n_patches).tolist())
             video = Tokens.of_patches(pixels, places, cfg.frames_per_token, cfg.n_mels)
-        said = dmel.micro_turn_log_mel(torch.from_numpy(conv.model_audio[span].copy())[None])[0]
-        mel = said if speaks else torch.full_like(said, dmel.LOG_MIN)
-        out.append(TurnExample(layout.user_side(slots, video, heard),
+        mel = said[k - start] if speaks else torch.full_like(said[k - start], dmel.LOG_MIN)
+        out.append(TurnExample(layout.user_side(slots, video, heard[k - start]),
                                tokenizer.SPEAK if speaks else tokenizer.SILENT, ids, mel))
     return out
 
+
+
+def _turns(audio: np.ndarray) -> torch.Tensor:
+    """(n·3200,) samples → (n, 3200) micro-turns."""
+    return torch.from_numpy(audio.copy()).reshape(-1, MICRO_TURN_SAMPLES)
