@@ -31,7 +31,7 @@ class ModelConfig:
     # text (bytes + specials, see inference.tokenizer)
     vocab_size: int = 264
     text_in: int = 4  # user-side text slots per micro-turn (PAD when empty); longer input waits its turn
-    text_out: int = 2  # caption tokens the model writes per micro-turn (after its speak / silent token)
+    text_out: int = 3  # caption bytes the model writes per micro-turn (after its speak / silent token): 15 B/s
     # audio (dMel in, mel out)
     hop: int = 400  # 25 ms at 16 kHz: 40 frames per second, 8 per micro-turn
     n_fft: int = 1024
@@ -51,7 +51,7 @@ class ModelConfig:
     # bounded attention (per session: sink tokens + sliding window; see inference.kv_cache)
     window: int = 512  # tokens a query may look back (besides the sinks)
     n_sink: int = 16  # first tokens of a session, kept for ever
-    max_step_tokens: int = 13  # most tokens one session appends in one forward (one micro-turn: 13 in tiny)
+    max_step_tokens: int = 14  # most tokens one session appends in one forward (one micro-turn: 14 in tiny)
     # sampling and vocoder
     temperature: float = 1.0
     griffin_lim_iters: int = 4  # momentum Griffin-Lim converges fast; 4 keeps 16+ sessions realtime on CPU
@@ -111,8 +111,8 @@ class ModelConfig:
 
 
 def _gpu(**shape: Any) -> ModelConfig:
-    """A GPU preset: more text per micro-turn and a better (slower) Griffin-Lim."""
-    return ModelConfig(text_out=3, text_in=6, max_step_tokens=16, griffin_lim_iters=32, **shape)
+    """A GPU preset: more text in per micro-turn and a better (slower) Griffin-Lim."""
+    return ModelConfig(text_in=6, max_step_tokens=16, griffin_lim_iters=32, **shape)
 
 
 PRESETS: dict[str, ModelConfig] = {

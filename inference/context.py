@@ -11,7 +11,7 @@ A record holds model features and tokens only, never raw audio or video:
 - the model's decision, caption ids and, when it spoke, its output mel (fp16, exactly as the live path used it:
   its dMel bins are the model's own audio tokens and its last frames are the vocoder's context).
 
-Layout (little-endian; ``tiny``: F = 8 frames, M = 80 mels, V = 2 video slots, D = 192, C = 2 caption ids)::
+Layout (little-endian; ``tiny``: F = 8 frames, M = 80 mels, V = 2 video slots, D = 192, C = 3 caption ids)::
 
     offset  size             field
     0       4                magic b"MTC2"

