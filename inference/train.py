@@ -6,7 +6,9 @@ by :class:`~inference.layout.TurnLayout` and attending through :meth:`AttentionP
 attention mask as streaming. Losses:
 
 - text: cross-entropy of every model-side text token (``SPEAK``/``SILENT`` and the caption tokens), through
-  the depth head with teacher forcing;
+  the depth head with teacher forcing, plus the cross-entropy of the caption tokens of the micro-turns in which
+  the model speaks on their own: they carry what it says, and are too few to matter in the first mean, which
+  silent micro-turns (all ``PAD``) fill;
 - audio out: flow matching of each micro-turn's output mel, conditioned on the depth head's final state;
 - MoE balance: the routers' Switch balance loss (weighted by ``balance_weight``); after each step the
   routers' selection biases also move towards balance (aux-loss-free balancing).
@@ -84,6 +86,9 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
     targets = batch.text_targets.to(device)
     logits, cond = net.teacher_forced(h[batch.rows.to(device)], targets)
     text = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    speaking = targets[:, 0] == tokenizer.SPEAK
+    if bool(speaking.any()):
+        text = text + F.cross_entropy(logits[speaking, 1:].flatten(0, 1), targets[speaking, 1:].flatten())
     n = len(batch.rows)
     noise = torch.randn(n, cfg.frames_per_turn * cfg.n_mels, generator=generator).to(device)
     t = torch.rand(n, generator=generator).to(device)
