@@ -18,11 +18,13 @@ WEIGHTS = "model.safetensors"
 FORMAT = "microturn-reference/1"
 
 
-def save_checkpoint(net: ReferenceNet, out: Path) -> Path:
-    """Write ``net`` into folder ``out`` (created if needed); returns ``out``."""
+def save_checkpoint(net: ReferenceNet, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``net`` into folder ``out`` (created if needed), its floating-point tensors as ``dtype`` (default:
+    as they are; loading casts them back to the model's float32); returns ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    state = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
+             for k, v in net.state_dict().items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
     (out / CONFIG).write_text(json.dumps({"format": FORMAT, "model": net.cfg.to_dict()}, indent=2) + "\n")
     return out
@@ -41,6 +43,11 @@ def load_checkpoint(path: Path, device: str = "cpu") -> ReferenceNet:
     net = ReferenceNet(load_config(path))
     net.load_state_dict(load_file(str(path / WEIGHTS), device="cpu"), strict=True)
     return net.to(device).eval()
+
+
+def export_checkpoint(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Copy the checkpoint in ``src`` to ``out`` with its weights stored as ``dtype`` (half the size in fp16)."""
+    return save_checkpoint(load_checkpoint(src), out, dtype)
 
 
 def init_checkpoint(preset: str, out: Path, seed: int = 0) -> Path:

@@ -143,6 +143,17 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from inference.checkpoint import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"wrote {args.checkpoint} as {args.dtype} to {path} ({size / 2**20:.1f} MiB)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microturn", description=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", type=Path, required=True)
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=_model)
+    export = model_sub.add_parser("export", help="copy a checkpoint with its weights in a smaller dtype")
+    export.add_argument("checkpoint", type=Path, help="checkpoint folder (e.g. runs/tiny/checkpoint)")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from inference.checkpoint import CONFIG, WEIGHTS, init_checkpoint, load_checkpoint, save_checkpoint
+from inference.checkpoint import CONFIG, WEIGHTS, export_checkpoint, init_checkpoint, load_checkpoint, save_checkpoint
 from inference.config import preset
 from inference.reference import ReferenceModel
 from tests._reference_helpers import make_net, make_turn, small_config
@@ -27,6 +28,18 @@ def test_save_load_identical_outputs(tmp_path: Path) -> None:
         x, y = a.step([make_turn("s", k)])[0], b.step([make_turn("s", k)])[0]
         assert x.text == y.text
         np.testing.assert_array_equal(x.audio, y.audio)
+
+
+def test_export_stores_half_precision_and_loads_as_float32(tmp_path: Path) -> None:
+    net = make_net(small_config())
+    save_checkpoint(net, tmp_path / "full")
+    export_checkpoint(tmp_path / "full", tmp_path / "half")
+    assert (tmp_path / "half" / WEIGHTS).stat().st_size < 0.55 * (tmp_path / "full" / WEIGHTS).stat().st_size
+    loaded = load_checkpoint(tmp_path / "half")
+    for (name, a), b in zip(net.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert b.dtype == a.dtype, name
+        expected = a.half().to(a.dtype) if a.is_floating_point() else a
+        assert torch.equal(b, expected), name
 
 
 def test_init_checkpoint_and_from_checkpoint(tmp_path: Path) -> None:
