@@ -14,6 +14,9 @@ split with the run's own generator, turns them into examples laid out as the eng
 path the engine runs). Validation: the mean loss over fixed windows of the validation split. Starting a run in a
 folder that has ``state.pt`` resumes it: the same seed, data and settings give the same weights as a run that was
 never interrupted.
+
+A run may start from a trained checkpoint (``init``) and train only some of it (``parts``): ``flow`` trains the flow
+head (the audio out) on a frozen trunk, whose forward still runs but takes no gradients and whose routers' biases stay.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from typing import Any
 
 import torch
 
-from inference.checkpoint import save_checkpoint
+from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
 from inference.conversation import Conversation, conversations, examples
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
 from inference.train import TrainBatch, build_batch, compute_losses, train_step
+
+PARTS = ("all", "flow")
+"""What a run trains: the whole model, or only the flow head."""
 
 
 @dataclass
@@ -53,6 +59,8 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch CPU threads; 0: torch's default
+    init: Path | None = None  # start from this checkpoint's weights (and config) instead of a random preset
+    parts: str = "all"  # all | flow: train only the flow head, the rest frozen
 
 
 @dataclass
@@ -88,13 +96,19 @@ class Trainer:
         self.s = s
         if s.threads:
             torch.set_num_threads(s.threads)
-        self.cfg = get_preset(s.preset)
+        if s.parts not in PARTS:
+            raise ValueError(f"--parts must be one of {', '.join(PARTS)}, not {s.parts!r}")
+        self.cfg = load_config(s.init) if s.init is not None else get_preset(s.preset)
         self.layout = TurnLayout.of(self.cfg)
         self.train_files = _split(s.data, "train")
         self.val_files = _split(s.data, "validation", "val")
         torch.manual_seed(s.seed)
-        self.net = ReferenceNet(self.cfg).to(s.device)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        self.net = (load_checkpoint(s.init) if s.init is not None else ReferenceNet(self.cfg)).to(s.device)
+        if s.parts == "flow":
+            self.net.requires_grad_(False)
+            self.net.flow.requires_grad_(True)
+        trained = [p for p in self.net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
         self.data_gen = torch.Generator().manual_seed(s.seed)
         self.noise_gen = torch.Generator().manual_seed(s.seed + 1)
         self.step = 0
@@ -144,7 +158,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = _lr(s, self.step)
             batch = self._batch()
-            losses = train_step(self.net, self.optimizer, batch, self.noise_gen)
+            losses = train_step(self.net, self.optimizer, batch, self.noise_gen,
+                                bias_rate=1e-3 if s.parts == "all" else 0.0)
             self.step += 1
             turns_seen += len(batch.rows)
             self.history.train.append((self.step, float(losses.total), float(losses.text), float(losses.flow)))

@@ -111,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     settings = TrainSettings(data=args.data, out=args.out or Path("runs") / args.preset, preset=args.preset,
                              steps=args.steps, batch=args.batch, window=args.window, lr=args.lr,
                              val_every=args.val_every, save_every=args.save_every, seed=args.seed,
-                             device=args.device, threads=args.threads)
+                             device=args.device, threads=args.threads, init=args.init, parts=args.parts)
     result = Trainer(settings).run()
     print(json.dumps(result))
     return 0
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    train.add_argument("--init", type=Path, help="start from this checkpoint's weights instead of a random --preset")
+    train.add_argument("--parts", choices=["all", "flow"], default="all",
+                       help="flow: train only the flow head (audio out), the rest of the model frozen")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from inference import tokenizer
+from inference.checkpoint import load_checkpoint
 from inference.config import preset
 from inference.context import TurnRecord, first_link
 from inference.conversation import Conversation, examples
@@ -105,3 +108,22 @@ def test_training_resumes_to_the_same_state(tmp_path: Path) -> None:
     other = Trainer(settings(tmp_path / "c", 4, seed=4))
     other.run()
     assert not torch.equal(other.net.text_head.weight, straight.net.text_head.weight)  # the seed matters
+
+
+def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(2):
+        write_conversation(data / "train", f"t{i}", i)
+    write_conversation(data / "validation", "v0", 9)
+    base: dict[str, Any] = dict(data=data, steps=3, batch=2, window=6, val_every=3, save_every=3, val_windows=1,
+                                warmup=1)
+    Trainer(TrainSettings(out=tmp_path / "a", **base)).run()
+    start = load_checkpoint(tmp_path / "a" / "checkpoint").state_dict()
+    flow = Trainer(TrainSettings(out=tmp_path / "b", init=tmp_path / "a" / "checkpoint", parts="flow", **base))
+    assert all(torch.equal(v, start[k]) for k, v in flow.net.state_dict().items())  # it starts from the checkpoint
+    flow.run()
+    after = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, start[k])}
+    assert changed and all(k.startswith("flow.") for k in changed), changed  # router biases stay too
+    with pytest.raises(ValueError, match="parts"):
+        Trainer(TrainSettings(out=tmp_path / "c", parts="trunk", **base))

@@ -1,5 +1,6 @@
 """A few hundred training steps on the tone task ("say the tone you heard one micro-turn later") drive the
-text and flow losses clearly down, through the same modules the engine runs."""
+text and flow losses clearly down, through the same modules the engine runs, and the flow head's samples then
+match the tone it should say."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from inference import tokenizer
 from inference.config import preset
+from inference.kv_cache import AttentionPlan
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
-from inference.train import compute_losses, tone_task, train_step
+from inference.train import TrainBatch, compute_losses, tone_task, train_step
 
 
 @pytest.fixture
@@ -48,3 +51,21 @@ def test_tone_task_losses_go_down() -> None:
     assert text1 < 0.2 * text0, (text0, text1)
     assert flow1 < 0.6 * flow0, (flow0, flow1)
     assert any(float(b.moe.router.balance_bias.abs().sum()) > 0 for b in net.blocks)
+
+    sampled, target = _sampled_mel(net, held_out)
+    error = float(((sampled - target) ** 2).mean())
+    spread = float(((target - target.mean(0)) ** 2).mean())  # the error of always saying the average tone
+    assert error < 0.25 * spread, (error, spread)
+
+
+def _sampled_mel(net: ReferenceNet, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flow head's samples (as the engine draws them) and the targets, for the micro-turns that speak."""
+    net.eval()
+    with torch.no_grad():
+        plan = AttentionPlan.full(batch.lengths, net.cfg.window, net.cfg.n_sink, "cpu")
+        h, _ = net(net.embed(batch.tokens), plan)
+        _, cond = net.teacher_forced(h[batch.rows], batch.text_targets)
+        speaking = batch.text_targets[:, 0] == tokenizer.SPEAK
+        noise = torch.randn(int(speaking.sum()), net.cfg.frames_per_turn * net.cfg.n_mels,
+                            generator=torch.Generator().manual_seed(2))
+        return net.flow.sample(cond[speaking], noise, net.cfg.flow_steps), batch.mel_targets[speaking]
