@@ -13,6 +13,9 @@ from inference.config import ModelConfig
 from inference.config import preset as get_preset
 from inference.model import ReferenceNet
 
+SHIPPED = Path(__file__).parent / "checkpoints" / "tiny"
+"""The trained ``tiny`` checkpoint that ships with the repository: ``--model reference`` without ``--checkpoint``
+(see ``inference/checkpoints/README.md``)."""
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "microturn-reference/1"

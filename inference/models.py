@@ -10,7 +10,8 @@ MODELS = ("echo", "tally", "reference")
 
 
 def load_backend(name: str, checkpoint: Path | None = None, device: str = "cpu") -> ModelBackend:
-    """Build the named model; ``reference`` loads ``checkpoint`` (a folder from ``microturn model init``)."""
+    """Build the named model; ``reference`` loads ``checkpoint`` (a checkpoint folder; default: the trained ``tiny``
+    one that ships with the repository)."""
     if name == "echo":
         from inference.echo import EchoModel
 
@@ -20,9 +21,10 @@ def load_backend(name: str, checkpoint: Path | None = None, device: str = "cpu")
 
         return TallyModel()
     if name == "reference":
+        from inference.checkpoint import SHIPPED
         from inference.reference import ReferenceModel
 
-        if checkpoint is None:
-            raise ValueError("--model reference needs --checkpoint DIR (make one with `microturn model init`)")
-        return ReferenceModel.from_checkpoint(checkpoint, device=device)
+        if checkpoint is None and not SHIPPED.is_dir():
+            raise ValueError(f"the shipped checkpoint {SHIPPED} is missing; give --checkpoint DIR")
+        return ReferenceModel.from_checkpoint(checkpoint or SHIPPED, device=device)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--model", choices=["echo", "tally", "reference"])
-    serve.add_argument("--checkpoint", type=Path, help="checkpoint folder for --model reference")
+    serve.add_argument("--checkpoint", type=Path, help="checkpoint folder for --model reference (default: the "
+                       "trained tiny one that ships in inference/checkpoints/tiny)")
     serve.add_argument("--device", help="torch device for the model (cpu, cuda)")
     serve.add_argument("--redis", help="redis://HOST:PORT/DB for session records (default: in memory)")
     serve.add_argument("--token-secret", help="HMAC secret for session tokens (share it between gateways)")
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host")
     worker.add_argument("--port", type=int, help="default 8090")
     worker.add_argument("--model", choices=["echo", "tally", "reference"])
-    worker.add_argument("--checkpoint", type=Path, help="checkpoint folder for --model reference")
+    worker.add_argument("--checkpoint", type=Path, help="checkpoint folder for --model reference (default: the "
+                        "shipped tiny one)")
     worker.add_argument("--device", help="torch device for the model (cpu, cuda)")
     worker.add_argument("--capacity", type=int, help="sessions this worker takes at most")
     worker.add_argument("--worker-id", help="this worker's name in metrics, logs and the session store")
@@ -255,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = evaluate.add_subparsers(dest="what", required=True)
     duplex = eval_sub.add_parser("duplex", help="full-duplex behaviour on held-out conversations "
                                  "(Full-Duplex-Bench-v1-style metrics)")
-    duplex.add_argument("--checkpoint", type=Path, help="the reference model's checkpoint folder")
+    duplex.add_argument("--checkpoint", type=Path, help="the reference model's checkpoint folder (default: the "
+                        "shipped one)")
     duplex.add_argument("--model", default="reference",
                         help="reference (default); echo: the diagnostic (its speech is the user's, a micro-turn "
                         "later); oracle: the conversations' own targets (the metrics' ceiling); oracle-glN: the "

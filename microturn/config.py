@@ -1,8 +1,9 @@
 """All of microturn's settings, in one typed place.
 
-Defaults are the embedded ones (in-process engine, in-memory state, the echo model). Each field can be overridden
-by an environment variable ``MICROTURN_<FIELD>`` (upper case) and then by the matching command-line flag;
-:func:`Settings.from_env` applies the first, :mod:`microturn.cli` the second.
+Defaults are the embedded ones (in-process engine, in-memory state, the reference model from the checkpoint that
+ships in the repository). Each field can be overridden by an environment variable ``MICROTURN_<FIELD>`` (upper
+case) and then by the matching command-line flag; :func:`Settings.from_env` applies the first, :mod:`microturn.cli`
+the second.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    model: str = "echo"  # echo | reference
-    checkpoint: Path | None = None  # folder with config.json + model.safetensors (reference model)
+    model: str = "reference"  # reference (the interaction model) | echo | tally (diagnostics)
+    checkpoint: Path | None = None  # reference model's folder (config.json + model.safetensors); None: the shipped one
     device: str = "cpu"
     redis: str | None = None  # redis://host:port/db; None keeps session records in memory
     gateway_id: str = field(default_factory=lambda: "gw-" + secrets.token_hex(4))

@@ -23,6 +23,8 @@ __all__ = ["free_port", "loopback_settings", "start_gateway"]
 
 
 def loopback_settings(**changes: object) -> Settings:
+    """Settings of a gateway on loopback; the echo model unless ``changes`` name another."""
+    changes.setdefault("model", "echo")
     return Settings(host="127.0.0.1", port=0, ice_host_addresses=("127.0.0.1",), token_secret="test-secret",
                     **changes)  # type: ignore[arg-type]
 

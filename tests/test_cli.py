@@ -21,7 +21,7 @@ from tests.conftest import free_port
 @pytest.fixture
 def served() -> Iterator[str]:
     port = free_port()
-    proc = serve(port)
+    proc = serve(port, "--model", "echo")
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
@@ -72,4 +72,5 @@ def test_settings_come_from_environment_then_flags() -> None:
     assert settings.port == 9002
     assert settings.allowed_origins == ("https://a.example", "https://b.example")
     assert settings.deadline_grace_ms == 40
-    assert Settings.from_env({}).model == "echo"
+    assert Settings.from_env({}).model == "reference"
+    assert Settings.from_env({"MICROTURN_MODEL": "echo"}).model == "echo"

@@ -1,0 +1,63 @@
+"""The trained checkpoint that ships with the repository: it is the default model, small enough to commit, and on
+held-out conversations (voices and phrasings it never trained on) it takes turns like a trained model does."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from inference.checkpoint import SHIPPED, WEIGHTS, load_config
+from inference.config import preset
+from inference.conversation import Conversation, conversations
+from inference.duplex_eval import score, summarise
+from inference.models import load_backend
+from inference.reference import ReferenceModel
+from inference.synth.generate import synthesize
+from microturn.config import Settings
+from microturn.eval_duplex import play_offline
+from tests.conftest import loopback_settings, start_gateway
+
+MAX_BYTES = 30 * 2**20
+TURN_TOR, PAUSE_TOR, ANSWER_TEXT = 0.8, 0.5, 0.1
+"""On these 12 conversations the shipped model took 1.0 of the turns, 0.0 of the pauses and wrote 0.2 of the answers
+in its captions; a random-weight ``tiny`` took 0.31 of the turns and every pause, and wrote no answer. (The issue's
+targets are higher still: see inference/README.md.)"""
+
+
+def test_the_shipped_checkpoint_is_the_default_model() -> None:
+    assert (SHIPPED / WEIGHTS).stat().st_size <= MAX_BYTES
+    assert load_config(SHIPPED) == preset("tiny")
+    assert Settings().model == "reference" and Settings().checkpoint is None
+    model = load_backend("reference")
+    assert isinstance(model, ReferenceModel)
+
+
+async def test_the_demo_page_says_what_to_try_with_the_reference_model() -> None:
+    pages = {}
+    for model in ("reference", "echo"):
+        server = await start_gateway(loopback_settings(model=model))
+        try:
+            async with aiohttp.ClientSession() as http, http.get(server.make_url("/")) as response:
+                pages[model] = await response.text()
+        finally:
+            await server.close()
+    assert 'id="try"' in pages["reference"] and "count to five" in pages["reference"]
+    assert 'id="try"' not in pages["echo"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_the_shipped_model_takes_turns_on_held_out_conversations(tmp_path: Path) -> None:
+    """The first test-split conversations of the training set's seed: their voices and phrasings were held out."""
+    synthesize(tmp_path / "set", hours=0.3, seed=0, workers=2)
+    convs = [Conversation.load(f) for f in conversations(tmp_path / "set" / "test")]
+    assert len(convs) == 12
+    model = load_backend("reference")
+    result = summarise([score(c.meta, play_offline(c, model, f"held-out-{i}")) for i, c in enumerate(convs)])
+    assert result["turn_tor"] >= TURN_TOR, result
+    assert result["pause_tor"] <= PAUSE_TOR, result
+    assert result["interrupt_tor"] is None or result["interrupt_tor"] >= 0.5, result
+    assert result["answer_acc_text"] >= ANSWER_TEXT, result
