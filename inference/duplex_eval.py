@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.synth.phrasing import espeak_number_words
 from microturn.contracts import MICRO_TURN_SAMPLES, SAMPLE_RATE
 
 VAD_DBFS = -45.0
@@ -234,33 +235,7 @@ def candidates(metas: list[dict[str, Any]]) -> list[str]:
     return sorted({spoken(str(q["answer"]).lower()) for m in metas for q in m.get("questions", [])})
 
 
-_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
-_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
-
-
 def spoken(answer: str) -> str:
     """An answer as words: digits (e.g. a background result, "1771") as espeak-ng says them ("one thousand seven
     hundred and seventy one"); words unchanged."""
-    if not answer.isdigit() or len(answer) > 6:
-        return answer
-
-    def below_thousand(n: int) -> list[str]:
-        words = []
-        if n >= 100:
-            words += [_ONES[n // 100], "hundred"] + (["and"] if n % 100 else [])
-            n %= 100
-        if n >= 20:
-            words += [_TENS[n // 10]] + ([_ONES[n % 10]] if n % 10 else [])
-        elif n or not words:
-            words.append(_ONES[n])
-        return words
-
-    n = int(answer)
-    if n < 1000:
-        return " ".join(below_thousand(n))
-    rest = n % 1000
-    words = below_thousand(n // 1000) + ["thousand"]
-    if rest:
-        words += (["and"] if rest < 100 else []) + below_thousand(rest)
-    return " ".join(words)
+    return espeak_number_words(int(answer)) if answer.isdigit() and len(answer) <= 6 else answer

@@ -89,9 +89,31 @@ def number_words(n: int) -> str:
     forty four``."""
     if not 0 <= n < 1000:
         raise ValueError(f"number_words takes 0–999, got {n}")
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
-    rest = n % 100
-    return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
+    return " ".join(_below_thousand(n, said_and=False))
+
+
+def espeak_number_words(n: int) -> str:
+    """0 ≤ n < 1,000,000 in words as espeak-ng says its digits, with "and": ``1771`` → ``one thousand seven hundred
+    and seventy one``, ``2005`` → ``two thousand and five``."""
+    if not 0 <= n < 1_000_000:
+        raise ValueError(f"espeak_number_words takes 0–999999, got {n}")
+    if n < 1000:
+        return " ".join(_below_thousand(n, said_and=True))
+    rest = n % 1000
+    words = _below_thousand(n // 1000, said_and=True) + ["thousand"]
+    if rest:
+        words += (["and"] if rest < 100 else []) + _below_thousand(rest, said_and=True)
+    return " ".join(words)
+
+
+def _below_thousand(n: int, said_and: bool) -> list[str]:
+    """The words of 0 ≤ n < 1000; ``said_and``: "one hundred and forty four" rather than "one hundred forty four"."""
+    words = []
+    if n >= 100:
+        words += [_ONES[n // 100], "hundred"] + (["and"] if said_and and n % 100 else [])
+        n %= 100
+    if n >= 20:
+        words += [_TENS[n // 10]] + ([_ONES[n % 10]] if n % 10 else [])
+    elif n or not words:
+        words.append(_ONES[n])
+    return words
