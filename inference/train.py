@@ -98,8 +98,12 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
     return Losses(text, flow, balance, total), torch.stack([r.load for r in routings])
 
 
+BIAS_RATE = 1e-3
+"""How far the routers' selection biases move towards balance after each step."""
+
+
 def train_step(net: ReferenceNet, optimizer: torch.optim.Optimizer, batch: TrainBatch,
-               generator: torch.Generator, bias_rate: float = 1e-3) -> Losses:
+               generator: torch.Generator, bias_rate: float = BIAS_RATE) -> Losses:
     """One optimiser step; returns the (detached) losses."""
     net.train()
     losses, load = compute_losses(net, batch, generator)

@@ -36,7 +36,7 @@ from inference.config import preset as get_preset
 from inference.conversation import Conversation, conversations, examples
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
-from inference.train import TrainBatch, build_batch, compute_losses, train_step
+from inference.train import BIAS_RATE, TrainBatch, build_batch, compute_losses, train_step
 
 PARTS = ("all", "flow")
 """What a run trains: the whole model, or only the flow head."""
@@ -159,7 +159,7 @@ class Trainer:
                 group["lr"] = _lr(s, self.step)
             batch = self._batch()
             losses = train_step(self.net, self.optimizer, batch, self.noise_gen,
-                                bias_rate=1e-3 if s.parts == "all" else 0.0)
+                                bias_rate=BIAS_RATE if s.parts == "all" else 0.0)
             self.step += 1
             turns_seen += len(batch.rows)
             self.history.train.append((self.step, float(losses.total), float(losses.text), float(losses.flow)))

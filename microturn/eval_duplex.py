@@ -73,6 +73,11 @@ async def play_webrtc(conv: Conversation, url: str, tail_s: float = 1.0) -> Play
     return Played(out[: len(conv.user_audio)].astype(np.float32), captions)
 
 
+def _target_captions(conv: Conversation) -> dict[int, str]:
+    """The conversation's target captions, by micro-turn, as :class:`Played` holds a model's."""
+    return {k: text for k, text in enumerate(conv.meta["model_text"]) if text}
+
+
 def griffin_lim(audio: np.ndarray, iters: int) -> np.ndarray:
     """``audio`` → its log-mel, micro-turn by micro-turn (as the model's flow head makes it) → Griffin-Lim."""
     import torch
@@ -96,10 +101,10 @@ def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", li
     recognise = Recogniser(candidates([c.meta for c in convs]))
     played: list[Played] = []
     if model == "oracle":  # the conversation's own target: what a perfect model would do (the metrics' ceiling)
-        played = [Played(c.model_audio, {k: t for k, t in enumerate(c.meta["model_text"]) if t}) for c in convs]
+        played = [Played(c.model_audio, _target_captions(c)) for c in convs]
     elif model.startswith("oracle-gl"):  # the targets' mel through Griffin-Lim: a perfect model's ceiling with it
-        played = [Played(griffin_lim(c.model_audio, int(model.removeprefix("oracle-gl") or 4)),
-                         {k: t for k, t in enumerate(c.meta["model_text"]) if t}) for c in convs]
+        iters = int(model.removeprefix("oracle-gl") or 4)
+        played = [Played(griffin_lim(c.model_audio, iters), _target_captions(c)) for c in convs]
     elif via == "offline":
         backend = load_backend(model, checkpoint, device)
         for i, conv in enumerate(convs):
