@@ -68,10 +68,10 @@ def spans_match(audio: np.ndarray, spans: list[list[int]], noise_rms: float) -> 
     inside = np.zeros(len(audio), bool)
     for start, end in spans:
         inside[max(start, 0):end] = True
-        if min(rms(audio[start:start + N]), rms(audio[end - N:end])) < 4 * noise_rms:
+        if min(rms(audio[start:start + N]), rms(audio[end - N:end])) <= 4 * noise_rms:
             return False
     blocks = [audio[k:k + 800] for k in range(0, len(audio) - 800, 800) if not inside[k:k + 800].any()]
-    return max(rms(b) for b in blocks) < 2.5 * noise_rms
+    return max(rms(b) for b in blocks) <= 2.5 * noise_rms
 
 
 def overlaps_turn(spans: list[list[int]], k: int) -> bool:
@@ -165,7 +165,7 @@ def test_pauses_hold_no_speech(convs: list[Conv]) -> None:
                 assert 0.6 * 16_000 <= end - start <= 1.2 * 16_000
             assert not any(s < end and e > start for s, e in c.meta["user_speech"])
             assert not c.model[start:end].any()
-            assert rms(c.user[start:end]) < 1.5 * c.meta["noise"]["rms"]
+            assert rms(c.user[start:end]) <= 1.5 * c.meta["noise"]["rms"]
             assert not any(start <= q["answer_start"] < end for q in c.meta["questions"])
 
 
@@ -282,3 +282,17 @@ def test_synth_wants_an_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(FileExistsError):
         main(["data", "synth", "--out", str(tmp_path), "--hours", "0.001"])
+
+
+def test_some_microphones_send_digital_silence(convs: list[Conv]) -> None:
+    """A share of conversations has no noise floor: outside the user's speech its samples are exactly zero, as a
+    browser's fake or noise-suppressed microphone sends them; the others never do."""
+    for c in convs:
+        outside = np.ones(len(c.user), bool)
+        for start, end in c.meta["user_speech"]:
+            outside[max(start, 0):end] = False
+        if c.meta["noise"]["colour"] == "none":
+            assert c.meta["noise"]["rms"] == 0.0 and not c.user[outside].any(), c.meta["id"]
+        else:
+            assert np.count_nonzero(c.user[outside]) > 0.99 * np.count_nonzero(outside), c.meta["id"]
+    assert any(c.meta["noise"]["colour"] == "none" for c in convs)
