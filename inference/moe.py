@@ -52,8 +52,9 @@ class Router(nn.Module):
         return Routing(experts, weights.to(x.dtype), load, balance_loss)
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor, rate: float = 1e-3) -> None:
-        """Move the bias towards balance: up for experts below the mean load, down for those above."""
+    def update_bias(self, load: torch.Tensor, rate: float) -> None:
+        """Move the bias ``rate`` towards balance: up for experts below the mean load, down for those above
+        (training uses :data:`inference.train.BIAS_RATE`)."""
         self.balance_bias += rate * torch.sign(load.float().mean() - load.float())
 
 
