@@ -44,7 +44,7 @@ def test_filterbank_spans_80_to_7600_hz_and_finds_a_tone() -> None:
 def test_streaming_equals_offline_and_depends_on_its_micro_turn_only() -> None:
     torch.manual_seed(0)
     audio = 0.3 * torch.randn(2, 5 * 3200)
-    offline = dmel.quantize(dmel.log_mel(audio))  # (2, 40, 80)
+    offline = dmel.quantize(dmel.log_mel(dmel.dither(audio.reshape(-1, 3200)).reshape(2, -1)))  # (2, 40, 80)
     stream = dmel.DMelStream()
     for k in range(5):
         bins = stream.step(audio[:, k * 3200:(k + 1) * 3200])
@@ -78,3 +78,17 @@ def test_vocoder_round_trip_of_speech_stays_close(tmp_path: Path) -> None:
     assert float((again - logmel).abs().mean()) < 0.3
     assert float((again - logmel).abs()[voiced].mean()) < 0.15
     assert float((dmel.quantize(again) == dmel.quantize(logmel)).float().mean()) > 0.6
+
+
+def test_dither_gives_digital_silence_a_quiet_noise_floor_and_leaves_sound_alone() -> None:
+    silence = torch.zeros(3, 3200)
+    bins = dmel.DMelStream().step(silence)
+    assert torch.equal(bins[0], bins[2])  # the same floor in every micro-turn: features stay per micro-turn
+    assert bins.float().mean() > 0.5  # no longer all bin 0 ...
+    rng = torch.Generator().manual_seed(1)
+    room = torch.randn(1, 3200, generator=rng) * 10 ** (-60 / 20)  # ... but like a quiet room's hiss (-60 dBFS)
+    assert (bins[0].float() - dmel.DMelStream().step(room)[0].float()).abs().mean() < 1.0
+    assert float(dmel.dither(silence).pow(2).mean().sqrt()) == pytest.approx(10 ** (dmel.DITHER_DBFS / 20), rel=0.05)
+    speech_like = 0.3 * torch.randn(1, 3200, generator=rng)
+    plain = dmel.quantize(dmel.micro_turn_log_mel(speech_like))
+    assert (dmel.DMelStream().step(speech_like) != plain).float().mean() < 0.01
