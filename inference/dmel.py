@@ -113,6 +113,9 @@ def dequantize(bins: torch.Tensor) -> torch.Tensor:
     return LOG_MIN + bins.float() * ((LOG_MAX - LOG_MIN) / (BINS - 1))
 
 
+_DITHER = torch.randn(MICRO_TURN_SAMPLES, generator=torch.Generator().manual_seed(0)) * 10 ** (DITHER_DBFS / 20)
+
+
 def dither(audio: torch.Tensor) -> torch.Tensor:
     """(B, 3200) microphone micro-turns → the same plus a faint white noise floor (RMS :data:`DITHER_DBFS`).
 
@@ -123,9 +126,6 @@ def dither(audio: torch.Tensor) -> torch.Tensor:
     the features stay a function of the micro-turn alone; against the speech and noise of a real microphone it is
     negligible."""
     return audio + _DITHER.to(audio.device, audio.dtype)
-
-
-_DITHER = torch.randn(MICRO_TURN_SAMPLES, generator=torch.Generator().manual_seed(0)) * 10 ** (DITHER_DBFS / 20)
 
 
 class DMelStream:

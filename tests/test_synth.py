@@ -62,12 +62,19 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
 
 
+def within(spans: list[list[int]], n: int) -> np.ndarray:
+    """(n,) bool: the samples inside any of ``spans``."""
+    inside = np.zeros(n, bool)
+    for start, end in spans:
+        inside[max(start, 0):end] = True
+    return inside
+
+
 def spans_match(audio: np.ndarray, spans: list[list[int]], noise_rms: float) -> bool:
     """Speech at both ends of every span (its first and last micro-turn's worth), nothing but the noise floor in any
     50 ms outside all spans."""
-    inside = np.zeros(len(audio), bool)
+    inside = within(spans, len(audio))
     for start, end in spans:
-        inside[max(start, 0):end] = True
         if min(rms(audio[start:start + N]), rms(audio[end - N:end])) <= 4 * noise_rms:
             return False
     blocks = [audio[k:k + 800] for k in range(0, len(audio) - 800, 800) if not inside[k:k + 800].any()]
@@ -288,9 +295,7 @@ def test_some_microphones_send_digital_silence(convs: list[Conv]) -> None:
     """A share of conversations has no noise floor: outside the user's speech its samples are exactly zero, as a
     browser's fake or noise-suppressed microphone sends them; the others never do."""
     for c in convs:
-        outside = np.ones(len(c.user), bool)
-        for start, end in c.meta["user_speech"]:
-            outside[max(start, 0):end] = False
+        outside = ~within(c.meta["user_speech"], len(c.user))
         if c.meta["noise"]["colour"] == "none":
             assert c.meta["noise"]["rms"] == 0.0 and not c.user[outside].any(), c.meta["id"]
         else:
