@@ -129,3 +129,16 @@ def test_media_clock_measures_jitter() -> None:
     for i in range(500):
         steady.observe(i * 0.02, 50 + i * 0.02 + 0.003)
     assert steady.jitter < 1e-6
+
+
+def test_media_clock_refreshes_jitter_every_few_packets() -> None:
+    """The quantile is recomputed every ``refresh_packets`` arrivals, not on each one, and never goes stale longer."""
+    clock = MediaClock(refresh_packets=10)
+    for i in range(100):
+        clock.observe(i * 0.02, 50 + i * 0.02)
+    assert clock.jitter < 1e-6
+    for i in range(100, 109):  # nine late packets: the jitter read after them is still the cached one
+        clock.observe(i * 0.02, 50 + i * 0.02 + 0.1)
+    assert clock.jitter < 1e-6
+    clock.observe(109 * 0.02, 50 + 109 * 0.02 + 0.1)  # the tenth triggers the refresh
+    assert abs(clock.jitter - 0.1) < 1e-6
