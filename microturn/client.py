@@ -38,9 +38,9 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 from aiortc.rtp import RtpPacket
 
-from webrtc_gateway import audio_level
 from webrtc_gateway.ingest import frame_to_mono
 from webrtc_gateway.jitter import use_pass_through
+from webrtc_gateway.opus import OpusTrack, prefer_opus
 
 RATE = 48_000
 FRAME = 960
@@ -135,7 +135,6 @@ class ProbeClient:
     def __init__(self, base_url: str, signal: np.ndarray, picture: np.ndarray | None = None,
                  loss: float = 0.0, seed: int = 0, fallback_urls: tuple[str, ...] = (), stall_s: float = 0.6,
                  relay_only: bool = False, camera: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        audio_level.install()
         self.urls = [u.rstrip("/") for u in (base_url, *fallback_urls)]
         self.base_url = self.urls[0]
         self.signal = signal
@@ -255,7 +254,7 @@ class ProbeClient:
 
     async def _negotiate(self) -> None:
         assert self._http is not None
-        self.pc.addTrack(self.mic)
+        prefer_opus(self.pc.addTransceiver(OpusTrack(self.mic), direction="sendrecv"))
         if self.picture is not None:
             self.pc.addTrack(StillCameraTrack(self.picture))
         elif self.camera is not None:
@@ -279,7 +278,7 @@ class ProbeClient:
 
     def _impair_uplink(self) -> None:
         """Drop a fraction of outgoing audio RTP packets, as a lossy network would."""
-        sender = next(s for s in self.pc.getSenders() if s.track is self.mic)
+        sender = next(t.sender for t in self.pc.getTransceivers() if t.kind == "audio")
         transport = sender.transport
         send = transport._send_rtp
         ssrc = sender._ssrc

@@ -8,7 +8,7 @@ import json
 import aiohttp
 import numpy as np
 from aiohttp.test_utils import TestServer
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import VideoStreamTrack
 
 from microturn.client import RATE, ProbeClient
@@ -36,6 +36,20 @@ async def video_only_offer() -> str:
     await pc.setLocalDescription(await pc.createOffer())
     sdp = pc.localDescription.sdp
     await pc.close()
+    return str(sdp)
+
+
+async def pcmu_only_offer() -> str:
+    """A microphone offered with G.711 only: the gateway speaks Opus, so it cannot answer."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTrack(ProbeClient("http://unused", np.zeros(RATE, np.float32)).mic)
+    transceiver = pc.getTransceivers()[0]
+    transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
+                                     if c.mimeType == "audio/PCMU"])
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    assert "opus" not in sdp.lower()
     return str(sdp)
 
 
@@ -69,7 +83,8 @@ async def test_bad_signalling_is_refused_while_a_healthy_session_keeps_working(g
                 assert body["error"]["message"], name
             # malformed SDP and an offer without audio: each on a fresh session (a refused offer ends the session)
             for sdp, needle in [("v=0\r\nthis is not sdp\r\nm=audio x\r\n", "not valid SDP"),
-                                (await video_only_offer(), "no audio")]:
+                                (await video_only_offer(), "no audio"),
+                                (await pcmu_only_offer(), "audio needs Opus")]:
                 fresh = await create(http, base)
                 status, body = await post_offer(http, base, fresh["session_id"], fresh["token"],
                                                 {"type": "offer", "sdp": sdp})

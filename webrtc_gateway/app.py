@@ -23,7 +23,7 @@ from inference.models import load_backend
 from microturn.config import Settings
 from microturn.contracts import MicroTurnEngine
 from microturn.service import serve_until_signalled
-from webrtc_gateway import api, audio_level, metrics, turn
+from webrtc_gateway import api, metrics, turn
 from webrtc_gateway.gateway import Gateway
 from webrtc_gateway.ice import use_host_addresses
 from webrtc_gateway.store import MemorySessionStore, RedisSessionStore, SessionStore
@@ -135,7 +135,6 @@ def create_app(settings: Settings) -> web.Application:
     """Build the gateway application for ``settings``."""
     turn.check_settings(settings)  # TURN URLs without the secret that signs their credentials: refuse to start
     use_host_addresses(settings.ice_host_addresses)
-    audio_level.install()
     app = web.Application(middlewares=[api.origin_and_errors], client_max_size=max(settings.max_sdp_bytes, 65536))
     app[api.SETTINGS] = settings
     app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(WEB_ROOT / "templates"),

@@ -3,7 +3,8 @@
 A session is composed of small parts, each owning one job (see DESIGN.md, "the path of one micro-turn"):
 
 - the peer connection (aiortc) with one inbound audio track, an optional inbound video track, the outbound
-  :class:`~webrtc_gateway.playout.PlayoutTrack`, and the ``microturn`` data channel;
+  :class:`~webrtc_gateway.playout.PlayoutTrack` (encoded by :class:`~webrtc_gateway.opus.OpusTrack`), and the
+  ``microturn`` data channel;
 - ingest (:mod:`webrtc_gateway.ingest`) onto the input timeline, and the micro-turn clock
   (:mod:`webrtc_gateway.dispatch`) that submits each due micro-turn to the engine;
 - egress: outputs, awaited in micro-turn order, go to the playout buffer (audio) and the data channel (captions and
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
@@ -50,6 +52,7 @@ from webrtc_gateway.conversation_log import ConversationLog
 from webrtc_gateway.dispatch import MicroTurnClock
 from webrtc_gateway.ingest import AudioIngest, Inbox, VideoIngest
 from webrtc_gateway.jitter import use_pass_through
+from webrtc_gateway.opus import OpusTrack, prefer_opus
 from webrtc_gateway.playout import PlayoutTrack
 from webrtc_gateway.store import LogEntry
 from webrtc_gateway.timeline import InputTimeline, MediaClock
@@ -142,14 +145,19 @@ class GatewaySession:
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
+        # the offer's first audio m-line takes this transceiver, which negotiates Opus only (what OpusTrack sends)
+        prefer_opus(self.pc.addTransceiver(OpusTrack(self.playout), direction="sendrecv"))
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except OperationError as exc:
+            if "audio" in str(exc):
+                raise OfferError("no codec in the offer is supported (audio needs Opus)") from exc
+            raise OfferError(f"no codec in the offer is supported: {exc}") from exc
         except Exception as exc:  # aiortc's parser raises assorted errors (even AssertionError) on bad SDP
             raise OfferError(f"the offer is not valid SDP: {type(exc).__name__} {exc}".strip()) from exc
         audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
         if not audio or audio[0].receiver.track is None:
             raise OfferError("the offer has no audio track the gateway can receive")
-        self.pc.addTrack(self.playout)
         if plan is None:
             await self.engine.open_session(self.session_id, self.seed)
         else:
