@@ -19,6 +19,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 RATE = 48_000
 BIT_RATE = 48_000  # mono speech: transparent at 48 kbit/s
 TIME_BASE = fractions.Fraction(1, RATE)
+FRAME_SAMPLES = 960  # 20 ms: one Opus packet each
 
 
 class OpusTrack(MediaStreamTrack):
@@ -42,8 +43,8 @@ class OpusTrack(MediaStreamTrack):
             raise MediaStreamError
         frame = await self.source.recv()
         if not (isinstance(frame, av.AudioFrame) and frame.format.name == "s16" and frame.layout.name == "mono"
-                and frame.sample_rate == RATE):
-            raise ValueError(f"OpusTrack needs s16 mono {RATE} Hz audio frames, got {frame!r}")
+                and frame.sample_rate == RATE and frame.samples == FRAME_SAMPLES):
+            raise ValueError(f"OpusTrack needs 20 ms s16 mono {RATE} Hz audio frames, got {frame!r}")
         (packet,) = self._codec.encode(frame)  # libopus codes each whole 20 ms frame at once, no look-ahead queue
         packet.pts = frame.pts
         packet.time_base = TIME_BASE
