@@ -9,6 +9,9 @@ attention mask as streaming. Losses:
   the depth head with teacher forcing, plus the cross-entropy of the caption tokens of the micro-turns in which
   the model speaks on their own: they carry what it says, and are too few to matter in the first mean, which
   silent micro-turns (all ``PAD``) fill;
+- decision (when ``decision_weight`` > 0): the cross-entropy of the ``SPEAK``/``SILENT`` token alone, in which
+  the micro-turns where the decision changes (the model starts, or stops) count :data:`CHANGE_WEIGHT` times. They
+  are a few in a hundred, yet they are turn-taking: starting late, not at all, or not stopping;
 - audio out: flow matching of each micro-turn's output mel, conditioned on the depth head's final state;
 - MoE balance: the routers' Switch balance loss (weighted by ``balance_weight``); after each step the
   routers' selection biases also move towards balance (aux-loss-free balancing).
@@ -48,16 +51,20 @@ class TrainBatch:
     rows: torch.Tensor  # (M,) per micro-turn: the row (last user-side token) the model side is predicted from
     text_targets: torch.Tensor  # (M, 1 + text_out) the model side's text ids
     mel_targets: torch.Tensor  # (M, frames, n_mels) the model side's output mel
+    changes: torch.Tensor  # (M,) bool: the SPEAK/SILENT decision differs from the micro-turn before
 
 
 def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> TrainBatch:
-    parts, lengths, rows, text_targets, mels = [], [], [], [], []
+    parts, lengths, rows, text_targets, mels, changes = [], [], [], [], [], []
     offset = 0
     for turns in sequences:
         start = offset
         parts.append(layout.silent_model_side())
         offset += layout.n_model
+        previous = tokenizer.SILENT  # each sequence starts after a silent model side
         for turn in turns:
+            changes.append(turn.control != previous)
+            previous = turn.control
             model_side = layout.model_side(turn.control, turn.caption, dmel.quantize(turn.mel))
             rows.append(offset + len(turn.user) - 1)
             text_targets.append(torch.tensor([turn.control, *turn.caption]))
@@ -66,7 +73,7 @@ def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> Train
             offset += len(turn.user) + len(model_side)
         lengths.append(offset - start)
     return TrainBatch(Tokens.cat(parts), lengths, torch.tensor(rows), torch.stack(text_targets),
-                      torch.stack(mels))
+                      torch.stack(mels), torch.tensor(changes))
 
 
 @dataclass
@@ -77,9 +84,13 @@ class Losses:
     total: torch.Tensor
 
 
+CHANGE_WEIGHT = 4.0
+"""How much more a micro-turn in which the SPEAK/SILENT decision changes counts in the decision loss."""
+
+
 def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Generator,
-                   balance_weight: float = 0.01) -> tuple[Losses, torch.Tensor]:
-    """The three losses, and the per-layer expert load (L, E) of this batch."""
+                   balance_weight: float = 0.01, decision_weight: float = 0.0) -> tuple[Losses, torch.Tensor]:
+    """The losses (the decision loss is part of ``text``), and the per-layer expert load (L, E) of this batch."""
     cfg, device = net.cfg, net.text_head.weight.device
     plan = AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink, device)
     h, routings = net(net.embed(batch.tokens.to(device)), plan)
@@ -89,6 +100,10 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
     speaking = targets[:, 0] == tokenizer.SPEAK
     if bool(speaking.any()):
         text = text + F.cross_entropy(logits[speaking, 1:].flatten(0, 1), targets[speaking, 1:].flatten())
+    if decision_weight > 0:
+        weights = 1 + (CHANGE_WEIGHT - 1) * batch.changes.to(device).float()
+        decision = F.cross_entropy(logits[:, 0], targets[:, 0], reduction="none")
+        text = text + decision_weight * (weights * decision).sum() / weights.sum()
     n = len(batch.rows)
     noise = torch.randn(n, cfg.frames_per_turn * cfg.n_mels, generator=generator).to(device)
     t = torch.rand(n, generator=generator).to(device)
@@ -103,10 +118,10 @@ BIAS_RATE = 1e-3
 
 
 def train_step(net: ReferenceNet, optimizer: torch.optim.Optimizer, batch: TrainBatch,
-               generator: torch.Generator, bias_rate: float = BIAS_RATE) -> Losses:
+               generator: torch.Generator, bias_rate: float = BIAS_RATE, decision_weight: float = 0.0) -> Losses:
     """One optimiser step; returns the (detached) losses."""
     net.train()
-    losses, load = compute_losses(net, batch, generator)
+    losses, load = compute_losses(net, batch, generator, decision_weight=decision_weight)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -61,6 +61,7 @@ class TrainSettings:
     threads: int = 0  # torch CPU threads; 0: torch's default
     init: Path | None = None  # start from this checkpoint's weights (and config) instead of a random preset
     parts: str = "all"  # all | flow: train only the flow head, the rest frozen
+    decision_weight: float = 0.0  # weight of the SPEAK/SILENT decision loss (see inference.train); 0: none
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Trainer:
                 group["lr"] = _lr(s, self.step)
             batch = self._batch()
             losses = train_step(self.net, self.optimizer, batch, self.noise_gen,
-                                bias_rate=BIAS_RATE if s.parts == "all" else 0.0)
+                                bias_rate=BIAS_RATE if s.parts == "all" else 0.0, decision_weight=s.decision_weight)
             self.step += 1
             turns_seen += len(batch.rows)
             self.history.train.append((self.step, float(losses.total), float(losses.text), float(losses.flow)))

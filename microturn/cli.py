@@ -110,8 +110,9 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = TrainSettings(data=args.data, out=args.out or Path("runs") / args.preset, preset=args.preset,
                              steps=args.steps, batch=args.batch, window=args.window, lr=args.lr,
-                             val_every=args.val_every, save_every=args.save_every, seed=args.seed,
-                             device=args.device, threads=args.threads, init=args.init, parts=args.parts)
+                             val_every=args.val_every, val_windows=args.val_windows, save_every=args.save_every,
+                             seed=args.seed, device=args.device, threads=args.threads, init=args.init,
+                             parts=args.parts, decision_weight=args.decision_weight)
     result = Trainer(settings).run()
     print(json.dumps(result))
     return 0
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--window", type=int, default=40, help="micro-turns per window")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--val-every", type=int, default=100)
+    train.add_argument("--val-windows", type=int, default=8, help="fixed validation windows (more: steadier)")
     train.add_argument("--save-every", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init", type=Path, help="start from this checkpoint's weights instead of a random --preset")
     train.add_argument("--parts", choices=["all", "flow"], default="all",
                        help="flow: train only the flow head (audio out), the rest of the model frozen")
+    train.add_argument("--decision-weight", type=float, default=0.0,
+                       help="weight of an extra loss on the SPEAK/SILENT decision, its changes counted 4x (0: off)")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON")

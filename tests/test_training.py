@@ -69,3 +69,25 @@ def _sampled_mel(net: ReferenceNet, batch: TrainBatch) -> tuple[torch.Tensor, to
         noise = torch.randn(int(speaking.sum()), net.cfg.frames_per_turn * net.cfg.n_mels,
                             generator=torch.Generator().manual_seed(2))
         return net.flow.sample(cond[speaking], noise, net.cfg.flow_steps), batch.mel_targets[speaking]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_decision_loss_weighs_the_micro_turns_where_the_model_starts_or_stops() -> None:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset("tiny"), d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, n_experts=4,
+                              d_expert=64, d_shared=64, flow_dim=64, flow_layers=1)
+    net = ReferenceNet(cfg).eval()
+    batch = tone_task(TurnLayout.of(cfg), batch=3, turns=6, generator=torch.Generator().manual_seed(5))
+    controls = batch.text_targets[:, 0].view(3, 6)
+    before = torch.cat([torch.full((3, 1), tokenizer.SILENT), controls[:, :-1]], dim=1)  # each sequence starts silent
+    assert torch.equal(batch.changes.view(3, 6), controls != before)
+    assert 0 < int(batch.changes.sum()) < 18
+
+    with torch.no_grad():
+        plain, _ = compute_losses(net, batch, torch.Generator().manual_seed(1))
+        weighted, _ = compute_losses(net, batch, torch.Generator().manual_seed(1), decision_weight=0.5)
+        h, _ = net(net.embed(batch.tokens), AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink, "cpu"))
+        logits, _ = net.teacher_forced(h[batch.rows], batch.text_targets)
+    ce = torch.nn.functional.cross_entropy(logits[:, 0], batch.text_targets[:, 0], reduction="none")
+    w = torch.where(batch.changes, 4.0, 1.0)
+    assert abs(float(weighted.text - plain.text) - 0.5 * float((w * ce).sum() / w.sum())) < 1e-5
