@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import VideoStreamTrack
 
-from microturn.client import RATE, ProbeClient
+from microturn.client import RATE, ProbeClient, SignalTrack
 from tests.conftest import loopback_settings, start_gateway
 from webrtc_gateway.tokens import TokenSigner
 
@@ -42,8 +42,7 @@ async def video_only_offer() -> str:
 async def pcmu_only_offer() -> str:
     """A microphone offered with G.711 only: the gateway speaks Opus, so it cannot answer."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTrack(ProbeClient("http://unused", np.zeros(RATE, np.float32)).mic)
-    transceiver = pc.getTransceivers()[0]
+    transceiver = pc.addTransceiver(SignalTrack(np.zeros(RATE, np.float32)))
     transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
                                      if c.mimeType == "audio/PCMU"])
     await pc.setLocalDescription(await pc.createOffer())

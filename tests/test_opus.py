@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamTrack
 
-from webrtc_gateway.opus import FRAME_SAMPLES, RATE, OpusTrack
+from webrtc_gateway.opus import OpusTrack
+from webrtc_gateway.playout import FRAME_SAMPLES, RATE
 
 
 class Frames(MediaStreamTrack):

@@ -10,16 +10,13 @@ audio-level header extension only on packets it encoded itself, so these go with
 
 from __future__ import annotations
 
-import fractions
-
 import av
 from aiortc import RTCRtpSender, RTCRtpTransceiver
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-RATE = 48_000
+from webrtc_gateway.playout import FRAME_SAMPLES, RATE, TIME_BASE
+
 BIT_RATE = 48_000  # mono speech: transparent at 48 kbit/s
-TIME_BASE = fractions.Fraction(1, RATE)
-FRAME_SAMPLES = 960  # 20 ms: one Opus packet each
 
 
 class OpusTrack(MediaStreamTrack):

@@ -149,10 +149,8 @@ class GatewaySession:
         prefer_opus(self.pc.addTransceiver(OpusTrack(self.playout), direction="sendrecv"))
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-        except OperationError as exc:
-            if "audio" in str(exc):
-                raise OfferError("no codec in the offer is supported (audio needs Opus)") from exc
-            raise OfferError(f"no codec in the offer is supported: {exc}") from exc
+        except OperationError as exc:  # no codec in common for some m-line
+            raise OfferError(f"no codec in the offer is supported (audio needs Opus): {exc}") from exc
         except Exception as exc:  # aiortc's parser raises assorted errors (even AssertionError) on bad SDP
             raise OfferError(f"the offer is not valid SDP: {type(exc).__name__} {exc}".strip()) from exc
         audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
