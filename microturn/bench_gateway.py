@@ -4,8 +4,10 @@ The gateway runs as its own process (``microturn serve --model echo``, media on 
 ``processes`` processes of their own, so client and server never share a GIL. Each session streams an impulse train
 (1 ms clicks at random offsets within micro-turns, about two a second, each session starting at a random phase) and
 records the echo. The added latency of one impulse is its measured round trip at the client minus the 200 ms that
-micro-turn alignment costs by design (see :mod:`microturn.client` for how received audio is placed in time). Server
-counters come from its ``/metrics``; its CPU time from ``/proc``.
+micro-turn alignment costs by design (see :mod:`microturn.client` for how received audio is placed in time). Each
+client's microphone is Opus-coded before the run and what comes back is decoded after it, so the clients' time goes
+to the network and the measurement is the gateway's. Server counters come from its ``/metrics``; its CPU time from
+``/proc``.
 """
 
 from __future__ import annotations
@@ -63,12 +65,14 @@ def measure(out: np.ndarray, times: list[float]) -> tuple[list[float], int]:
     return added, len(times) - len(added)
 
 
-async def _one_session(url: str, seconds: float, video: bool, seed: int) -> dict[str, Any]:
-    rng = random.Random(seed)
-    await asyncio.sleep(rng.uniform(0, 0.5))  # sessions start at arbitrary phases
-    signal, times = impulse_train(seconds, rng)
+def _prepare(url: str, seconds: float, video: bool, seed: int) -> tuple[ProbeClient, list[float]]:
+    signal, times = impulse_train(seconds, random.Random(seed))
     picture = np.full((120, 160, 3), 128, np.uint8) if video else None
-    client = ProbeClient(url, signal, picture=picture)
+    return ProbeClient(url, signal, picture=picture, encoded_mic=True), times
+
+
+async def _one_session(client: ProbeClient, times: list[float], seconds: float, seed: int) -> dict[str, Any]:
+    await asyncio.sleep(random.Random(seed + 1).uniform(0, 0.5))  # sessions start at arbitrary phases
     try:
         await client.connect()
         await asyncio.sleep(max(0.0, seconds - client.now()))
@@ -84,8 +88,11 @@ def _client_process(url: str, sessions: int, seconds: float, video: bool, seed: 
     use_host_addresses(["127.0.0.1"])
 
     async def main() -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(_one_session(url, seconds, video, seed * 1000 + i)
-                                           for i in range(sessions))))
+        # every microphone is encoded before the first session connects: none of it happens while media flows
+        seeds = [seed * 1000 + i for i in range(sessions)]
+        prepared = [_prepare(url, seconds, video, s) for s in seeds]
+        return list(await asyncio.gather(*(_one_session(client, times, seconds, s)
+                                           for (client, times), s in zip(prepared, seeds, strict=True))))
 
     return asyncio.run(main())
 

@@ -3,15 +3,15 @@
 It creates a session over HTTP, sends a microphone track that plays a given 48 kHz mono signal in real time (and
 optionally a camera track), opens the ``microturn`` data channel, and records what comes back:
 
-- audio, placed on a timeline whose sample 0 is the moment the first input sample was "captured" (the real-time
-  clock of the microphone), using each received frame's RTP timestamp plus one playout offset — the 95th percentile
-  of (arrival time − media time) over all frames, as a playout buffer that loses 5 % of frames to lateness would
-  choose;
+- audio: each packet is kept as it arrives and decoded afterwards (no jitter buffer, no decoding in real time),
+  then placed on a timeline whose sample 0 is the moment the first input sample was "captured" (the real-time clock
+  of the microphone), using its RTP timestamp plus one playout offset — the 95th percentile of (arrival time −
+  media time) over all packets, as a playout buffer that loses 5 % of packets to lateness would choose;
 - every data-channel message, with its arrival time on the same clock.
 
-Like the gateway, it hands inbound audio to the decoder without aiortc's 80 ms jitter buffer. Like a browser, it
-uses the ICE servers of the gateway's grant (STUN, and TURN with the per-session credential); ``relay_only`` makes it
-offer only TURN relay candidates (``iceTransportPolicy: "relay"``), as a browser behind a strict firewall would.
+Like a browser, it uses the ICE servers of the gateway's grant (STUN, and TURN with the per-session credential);
+``relay_only`` makes it offer only TURN relay candidates (``iceTransportPolicy: "relay"``), as a browser behind a
+strict firewall would.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import av
@@ -35,33 +35,39 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 from aiortc.rtp import RtpPacket
 
-from webrtc_gateway.ingest import frame_to_mono
-from webrtc_gateway.jitter import use_pass_through
-from webrtc_gateway.opus import OpusTrack, prefer_opus
-
-RATE = 48_000
-FRAME = 960
+from webrtc_gateway.jitter import replace_jitter_buffer
+from webrtc_gateway.opus import OpusEncoder, OpusTrack, prefer_opus
+from webrtc_gateway.playout import FRAME_SAMPLES as FRAME
+from webrtc_gateway.playout import RATE
 
 
 class SignalTrack(MediaStreamTrack):
     """A microphone that plays ``signal`` (48 kHz mono float) in real time, then silence.
 
-    Frame ``n`` (samples ``[n*960, (n+1)*960)``) is returned at ``start + (n+1) * 20 ms``, when its last sample has
-    been "captured"; ``start`` is the capture time of sample 0.
+    Frame ``n`` (samples ``[n*FRAME, (n+1)*FRAME)``, 40 ms like the gateway's) is returned at
+    ``start + (n+1) * 40 ms``, when its last sample has been "captured"; ``start`` is the capture time of sample 0.
+    With ``encoded``, the whole signal is Opus-coded up front and the track returns packets instead of frames: a
+    load generator then spends its time on the network, not on the codec.
     """
 
     kind = "audio"
 
-    def __init__(self, signal: np.ndarray, start: float | None = None) -> None:
+    def __init__(self, signal: np.ndarray, start: float | None = None, encoded: bool = False) -> None:
         super().__init__()
         self.signal = signal.astype(np.float32)
         self.start = start  # given: the same microphone, reattached (what it captured meanwhile is lost)
+        self.encoded = encoded
         self._n = 0 if start is None else -1
+        self._packets: list[av.Packet] = []
+        if encoded:
+            encoder = OpusEncoder()
+            self._packets = [encoder.encode(self._frame(n)) for n in range(-(-len(self.signal) // FRAME) + 1)]
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.AudioFrame | av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         if self.start is None:
@@ -70,13 +76,20 @@ class SignalTrack(MediaStreamTrack):
             self._n = int((time.monotonic() - self.start) * RATE) // FRAME
         due = self.start + (self._n + 1) * FRAME / RATE
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        chunk = self.signal[self._n * FRAME:(self._n + 1) * FRAME]
+        n, self._n = self._n, self._n + 1
+        if not self.encoded:
+            return self._frame(n)
+        packet = self._packets[min(n, len(self._packets) - 1)]  # the last one is silence
+        packet.pts = n * FRAME
+        return packet
+
+    def _frame(self, n: int) -> av.AudioFrame:
+        chunk = self.signal[n * FRAME:(n + 1) * FRAME]
         pcm = np.zeros(FRAME, np.int16)
         pcm[:len(chunk)] = (np.clip(chunk, -1, 1) * 32767).astype(np.int16)
         frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME)
         frame.planes[0].update(pcm.tobytes())
-        frame.sample_rate, frame.pts, frame.time_base = RATE, self._n * FRAME, fractions.Fraction(1, RATE)
-        self._n += 1
+        frame.sample_rate, frame.pts, frame.time_base = RATE, n * FRAME, fractions.Fraction(1, RATE)
         return frame
 
 
@@ -118,9 +131,27 @@ class ScheduledCameraTrack(VideoStreamTrack):
 
 @dataclass
 class Received:
-    # (monotonic arrival, pts, mono, connection number): pts restart with every connection
-    frames: list[tuple[float, int, np.ndarray, int]] = field(default_factory=list)
+    # (monotonic arrival, RTP timestamp less the connection's first, Opus payload, connection number)
+    packets: list[tuple[float, int, bytes, int]] = field(default_factory=list)
     messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (mic-clock arrival, message)
+
+
+class PacketRecorder:
+    """Takes the place of an inbound audio jitter buffer: keeps each packet as it arrives and hands nothing to the
+    decoder (aiortc would pass each one to a decoder thread and back). The client decodes afterwards, so one machine
+    can run many sessions against a gateway without the clients' own work skewing what is measured."""
+
+    def __init__(self, packets: list[tuple[float, int, bytes, int]], connection: int) -> None:
+        self.packets = packets
+        self.connection = connection
+        self._first: int | None = None
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        if self._first is None:
+            self._first = packet.timestamp
+        timestamp = (packet.timestamp - self._first) % 2**32
+        self.packets.append((time.monotonic(), timestamp, packet._data, self.connection))  # type: ignore[attr-defined]
+        return False, None
 
 
 class ProbeClient:
@@ -129,19 +160,20 @@ class ProbeClient:
     With ``fallback_urls``, the client resumes the session on the next URL when its connection fails (no audio
     for ``stall_s``) or the gateway asks it to move, like the widget does; ``resumes`` and ``resume_gaps`` (s,
     last frame before the failure to the first frame after) say how it went. With ``relay_only``, ICE uses only
-    relay candidates from the TURN server the grant names (a grant without one is an error).
+    relay candidates from the TURN server the grant names (a grant without one is an error). With ``encoded_mic``,
+    the microphone's signal is Opus-coded before the call (see :class:`SignalTrack`).
     """
 
     def __init__(self, base_url: str, signal: np.ndarray, picture: np.ndarray | None = None,
                  loss: float = 0.0, seed: int = 0, fallback_urls: tuple[str, ...] = (), stall_s: float = 0.6,
-                 relay_only: bool = False, camera: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 relay_only: bool = False, camera: tuple[np.ndarray, np.ndarray] | None = None,
+                 encoded_mic: bool = False) -> None:
         self.urls = [u.rstrip("/") for u in (base_url, *fallback_urls)]
         self.base_url = self.urls[0]
         self.signal = signal
         self.picture = picture
         self.camera = camera  # (frames (T, H, W, 3), on (T,)): a camera scheduled by micro-turn
-        self.camera = camera  # (frames (T, H, W, 3), on (T,)): a camera scheduled by micro-turn
-        self.mic = SignalTrack(signal)
+        self.mic = SignalTrack(signal, encoded=encoded_mic)
         self.loss = loss
         self.stall_s = stall_s
         self.dropped_packets = 0
@@ -162,6 +194,8 @@ class ProbeClient:
         self._rng = random.Random(seed)
         self._tasks: list[asyncio.Task[Any]] = []
         self._http: aiohttp.ClientSession | None = None
+        self._decoded: list[tuple[float, int, np.ndarray, int]] = []
+        self._decoders: dict[int, tuple[av.AudioCodecContext, int]] = {}  # connection → (decoder, last timestamp)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -225,7 +259,7 @@ class ProbeClient:
             if resp.status != 200:
                 raise RuntimeError(f"resume refused: {resp.status} {body}")
         self._take_grant(body)
-        self.mic = SignalTrack(self.signal, start=self.mic.start)
+        self.mic = SignalTrack(self.signal, start=self.mic.start, encoded=self.mic.encoded)
         self._connection += 1
         await self._new_peer()
         await self._negotiate()
@@ -235,7 +269,7 @@ class ProbeClient:
         """Resume elsewhere when audio stalls or the gateway asks the session to move."""
         while True:
             await asyncio.sleep(0.1)
-            frames = self.received.frames
+            frames = self.received.packets
             stalled = bool(frames) and time.monotonic() - frames[-1][0] > self.stall_s
             if not (stalled or self._move.is_set()):
                 continue
@@ -248,13 +282,14 @@ class ProbeClient:
                 self.errors.append(f"resume failed: {type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.5)
                 continue
-            while len(self.received.frames) == count:
+            while len(self.received.packets) == count:
                 await asyncio.sleep(0.01)
-            self.resume_gaps.append(self.received.frames[count][0] - last)
+            self.resume_gaps.append(self.received.packets[count][0] - last)
 
     async def _negotiate(self) -> None:
         assert self._http is not None
-        prefer_opus(self.pc.addTransceiver(OpusTrack(self.mic), direction="sendrecv"))
+        mic = self.mic if self.mic.encoded else OpusTrack(self.mic)
+        prefer_opus(self.pc.addTransceiver(mic, direction="sendrecv"))
         if self.picture is not None:
             self.pc.addTrack(StillCameraTrack(self.picture))
         elif self.camera is not None:
@@ -293,19 +328,9 @@ class ProbeClient:
         transport._send_rtp = lossy_send  # type: ignore[method-assign]
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio":
+        if track.kind == "audio":  # its packets are recorded as they arrive; the track itself never yields a frame
             receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
-            use_pass_through(receiver)
-            self._tasks.append(asyncio.ensure_future(self._record(track)))
-
-    async def _record(self, track: MediaStreamTrack) -> None:
-        connection = self._connection
-        with contextlib.suppress(MediaStreamError):
-            while True:
-                frame = await track.recv()
-                assert isinstance(frame, av.AudioFrame)
-                self.received.frames.append((time.monotonic(), int(frame.pts or 0), frame_to_mono(frame),
-                                             connection))
+            replace_jitter_buffer(receiver, PacketRecorder(self.received.packets, self._connection))
 
     def _on_message(self, raw: str | bytes) -> None:
         try:
@@ -340,10 +365,30 @@ class ProbeClient:
         if self._http is not None:
             await self._http.close()
 
+    def audio(self) -> list[tuple[float, int, np.ndarray, int]]:
+        """Received audio decoded, packet by packet: (monotonic arrival, pts, 48 kHz mono, connection number)."""
+        packets = self.received.packets
+        for arrival, timestamp, payload, connection in packets[len(self._decoded):]:
+            decoder, last = self._decoders.get(connection, (None, -1))
+            if decoder is None:
+                decoder = cast(av.AudioCodecContext, av.CodecContext.create("libopus", "r"))
+                decoder.format, decoder.layout, decoder.sample_rate = "s16", "mono", RATE
+            self._decoders[connection] = (decoder, max(last, timestamp))
+            pcm = np.zeros(0, np.float32)
+            if timestamp > last:  # duplicates and late packets are dropped, as a jitter buffer would
+                frames = decoder.decode(av.Packet(payload))
+                pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]) * np.float32(1 / 32768)
+            self._decoded.append((arrival, timestamp, pcm, connection))
+        return self._decoded
+
+    def audio_seconds(self) -> float:
+        """How much audio has come back."""
+        return sum(len(pcm) for _, _, pcm, _ in self.audio()) / RATE
+
     def output(self, seconds: float) -> np.ndarray:
         """Received audio (48 kHz mono) on the microphone's clock, ``seconds`` long."""
         out = np.zeros(int(seconds * RATE), np.float32)
-        frames = self.received.frames
+        frames = self.audio()
         if not frames:
             return out
         start0 = self.mic.start or 0.0

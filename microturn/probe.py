@@ -106,7 +106,7 @@ async def run_probe(urls: list[str], inp: Path, out: Path, video: Path | None = 
         "session_id": client.session_id,
         "micro_turns_sent": state.get("micro_turns", int(np.ceil(seconds * 1000 / MICRO_TURN_MS))),
         "audio_in_seconds": round(seconds, 3),
-        "audio_out_seconds": round(len(client.received.frames) * 0.02, 3),
+        "audio_out_seconds": round(client.audio_seconds(), 3),
         "first_output_ms": first_sound_ms(recorded),
         "captions": [c["text"] for c in client.captions()],
         "errors": errors + client.errors,

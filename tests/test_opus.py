@@ -31,22 +31,38 @@ class Frames(MediaStreamTrack):
 
 
 async def test_packets_keep_the_frames_timestamps_and_decode_to_the_source() -> None:
-    t = np.arange(50 * FRAME_SAMPLES) / RATE
+    count = 2 * RATE // FRAME_SAMPLES  # two seconds
+    t = np.arange(count * FRAME_SAMPLES) / RATE
     signal = (0.3 * np.sin(2 * np.pi * (200 * t + 300 * t**2)) * (1 + np.sin(2 * np.pi * 3 * t)) / 2).astype(np.float32)
     track = OpusTrack(Frames(signal, start_pts=96_000))
     decoder = av.CodecContext.create("libopus", "r")
     decoded, size = [], 0
-    for n in range(50):
+    for n in range(count):
         packet = await track.recv()
         assert packet.pts == 96_000 + n * FRAME_SAMPLES and packet.time_base == fractions.Fraction(1, RATE)
         size += packet.size
         for frame in decoder.decode(packet):
             decoded.append(frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0] / 32768)
-    assert 0.5 * 6000 < size < 1.5 * 6000  # one second at about 48 kbit/s (aiortc's own encoder: 96 kbit/s)
+    assert 0.5 * 12_000 < size < 1.5 * 12_000  # at about 48 kbit/s (aiortc's own encoder: 96 kbit/s)
     out = np.concatenate(decoded)
     b = signal[4800:40_000]  # a chirp: no lag but the right one lines it up
-    fit = [np.corrcoef(out[lag + 4800:lag + 40_000], b)[0, 1] for lag in range(FRAME_SAMPLES)]
+    fit = [np.corrcoef(out[lag + 4800:lag + 40_000], b)[0, 1] for lag in range(960)]
     assert max(fit) > 0.98  # Opus's look-ahead is the lag
+
+
+async def test_digital_silence_stays_inaudible() -> None:
+    t = np.arange(FRAME_SAMPLES) / RATE
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    track = OpusTrack(Frames(np.concatenate([np.zeros(4 * FRAME_SAMPLES, np.float32), tone])))
+    decoder = av.CodecContext.create("libopus", "r")
+    levels = []
+    for n in range(5):
+        packet = await track.recv()
+        assert packet.pts == n * FRAME_SAMPLES
+        (frame,) = decoder.decode(packet)
+        levels.append(np.sqrt(np.mean((frame.to_ndarray() / 32768.0) ** 2)))
+    assert max(levels[:4]) < 10 ** (-80 / 20)  # the silent frames (coded as ±1 LSB noise): below −80 dBFS
+    assert levels[4] > 0.05  # and the sound after them comes through
 
 
 async def test_frames_it_cannot_code_as_one_mono_packet_are_refused() -> None:

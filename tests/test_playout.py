@@ -8,13 +8,16 @@ import random
 import numpy as np
 import pytest
 
-from webrtc_gateway.playout import FRAME_S, FrameSchedule, PlayoutTrack
+from webrtc_gateway.playout import FRAME_S, FRAME_SAMPLES, FrameSchedule, PlayoutTrack
+
+PER_TURN = round(0.2 / FRAME_S)  # frames in one micro-turn of output
 
 
 def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, quiet_after: int = 5,
              seed: int = 0) -> tuple[list[float], list[float], int]:
-    """Model output (10 frames) lands every 200 ms plus a random lateness; a sender loop follows the same rules as
-    PlayoutTrack.recv. Returns send times, output arrival times and underrun frames, in simulated seconds."""
+    """Model output (one micro-turn of frames) lands every 200 ms plus a random lateness; a sender loop follows the
+    same rules as PlayoutTrack.recv. Returns send times, output arrival times and underrun frames, in simulated
+    seconds."""
     rng = random.Random(seed)
     schedule = FrameSchedule()
     arrivals = [0.5 + 0.2 * k + rng.uniform(0, jitter_s) for k in range(int(minutes * 60 / 0.2))]
@@ -36,7 +39,7 @@ def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, quiet_
         else:
             now = max(now, due)
         while landed < len(arrivals) and arrivals[landed] <= now:
-            buffered, landed, speaking = buffered + 10, landed + 1, True
+            buffered, landed, speaking = buffered + PER_TURN, landed + 1, True
         if buffered:
             buffered, missed = buffered - 1, 0
         elif speaking:
@@ -63,7 +66,7 @@ def test_late_output_beyond_tolerance_counts_underruns_but_never_outpaces_real_t
     sent, arrivals, underruns = simulate(minutes=2, jitter_s=0.060, seed=3)
     assert underruns > 0
     speaking = np.array([t for t in sent if t >= arrivals[0]])
-    assert np.all(np.diff(speaking) >= FRAME_S - 1e-9)  # once talking, never two frames closer than 20 ms
+    assert np.all(np.diff(speaking) >= FRAME_S - 1e-9)  # once talking, never two frames closer than one frame
     lag = [min(t for t in sent if t >= a) - a for a in arrivals]
     assert max(lag) <= 0.060 + FRAME_S  # latency stays bounded by the jitter
 
@@ -74,10 +77,10 @@ async def test_track_sends_buffered_audio_then_silence() -> None:
     assert not np.any(first.to_ndarray())  # nothing produced yet: silence, not an underrun
     assert track.underrun_frames == 0
     track.push(np.full(3200, 0.5, np.float32))
-    frames = [await track.recv() for _ in range(10)]
+    frames = [await track.recv() for _ in range(PER_TURN)]
     levels = [np.abs(f.to_ndarray()).mean() / 32767 for f in frames]
     assert all(level > 0.4 for level in levels[1:])
-    assert [f.pts for f in frames] == [960 * (i + 1) for i in range(10)]
+    assert [f.pts for f in frames] == [FRAME_SAMPLES * (i + 1) for i in range(PER_TURN)]
     await track.recv()  # buffer empty while speaking: an underrun
     assert track.underrun_frames == 1
     track.stop_speaking()
@@ -100,12 +103,12 @@ async def test_latency_added_by_late_output_is_won_back_in_silence() -> None:
     track = PlayoutTrack()
     speech, silence = np.full(3200, 0.3, np.float32), np.zeros(3200, np.float32)
     track.push(speech)
-    track.push(np.concatenate([silence[:1600], speech[:1600]]))  # lands while a whole micro-turn is still queued
-    sent = [np.abs((await track.recv()).to_ndarray()).mean() / 32767 for _ in range(16)]
-    # 9 frames of excess; the new output's 5 silent frames, less the first (it rings with the end of the speech
-    # through the resampling filter), are skipped
-    assert track.skipped_frames == 4
-    assert sent[:10] == pytest.approx([0.3] * 10, abs=0.05)  # speech is never skipped
-    assert sent[10] < 0.05
-    assert sent[11:16] == pytest.approx([0.3] * 5, abs=0.05)
+    track.push(np.concatenate([silence[:2560], speech[:640]]))  # lands while a whole micro-turn is still queued
+    sent = [np.abs((await track.recv()).to_ndarray()).mean() / 32767 for _ in range(7)]
+    # 4 frames of excess; of the new output's 4 silent frames the first rings with the end of the speech through
+    # the resampling filter, so the other 3 are skipped
+    assert track.skipped_frames == 3
+    assert sent[:5] == pytest.approx([0.3] * 5, abs=0.05)  # speech is never skipped
+    assert sent[5] < 0.05
+    assert sent[6] == pytest.approx(0.3, abs=0.05)
     track.stop()

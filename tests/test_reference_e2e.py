@@ -10,6 +10,7 @@ import numpy as np
 from inference.checkpoint import init_checkpoint
 from microturn.client import RATE, ProbeClient
 from tests.conftest import loopback_settings, start_gateway
+from webrtc_gateway.playout import FRAME_S
 
 
 async def test_reference_model_serves_a_webrtc_session(tmp_path: Path, speech_48k: np.ndarray) -> None:
@@ -28,9 +29,9 @@ async def test_reference_model_serves_a_webrtc_session(tmp_path: Path, speech_48
     assert state["micro_turns"] >= 14
     # timing is the benchmarks' business; here the model's first (warm-up) ticks may let one micro-turn run late
     assert state["late_micro_turns"] <= 2
-    assert state["frames_out"] >= 150
+    assert state["frames_out"] * FRAME_S >= 3.0
     assert max(state["input_levels_dbfs"]) > -40  # the model heard the speech
     out = client.output(3.5)
-    assert len(client.received.frames) >= 150  # its output track played the whole time
+    assert client.audio_seconds() >= 3.0  # its output track played the whole time
     assert np.all(np.isfinite(out))
     assert client.errors == []

@@ -8,6 +8,8 @@ duplicates and packets older than the newest one released (the decoder's timesta
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from aiortc import RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
@@ -29,8 +31,17 @@ class PassThroughJitterBuffer:
         return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
 
 
-def use_pass_through(receiver: RTCRtpReceiver) -> PassThroughJitterBuffer:
-    """Replace an audio receiver's jitter buffer (aiortc has no public setting for it)."""
-    buffer = PassThroughJitterBuffer()
+class JitterBuffer(Protocol):
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]: ...
+
+
+def replace_jitter_buffer(receiver: RTCRtpReceiver, buffer: JitterBuffer) -> None:
+    """Give an audio receiver another jitter buffer (aiortc has no public setting for it)."""
     receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]
+
+
+def use_pass_through(receiver: RTCRtpReceiver) -> PassThroughJitterBuffer:
+    """Replace an audio receiver's jitter buffer with a :class:`PassThroughJitterBuffer`."""
+    buffer = PassThroughJitterBuffer()
+    replace_jitter_buffer(receiver, buffer)
     return buffer

@@ -10,7 +10,7 @@ counts (plain integers and :class:`~microturn.histogram.Histogram`). Names and m
 ``microturn_micro_turns_total``             micro-turns dispatched to the engine
 ``microturn_late_micro_turns_total``        micro-turns dispatched at their deadline with audio missing
 ``microturn_turns_not_stepped_total``       micro-turns the engine could not step (silence, not in the context)
-``microturn_frames_out_total``              20 ms audio frames sent to browsers
+``microturn_frames_out_total``              40 ms audio frames sent to browsers
 ``microturn_underrun_frames_total``         frames sent as silence because model output was late
 ``microturn_micro_turn_seconds``            histogram: micro-turn submitted → its output back at the gateway
 ``microturn_peer_packet_loss_ratio``        inbound audio packet loss of live sessions (``quantile`` over them)

@@ -1,6 +1,6 @@
-"""Egress audio: the playout buffer and the outbound track that paces it in 20 ms frames at 48 kHz.
+"""Egress audio: the playout buffer and the outbound track that paces it in 40 ms frames at 48 kHz.
 
-The buffer holds only what the model produced. Frames leave on a 20 ms grid; when the buffer is empty the track
+The buffer holds only what the model produced. Frames leave on a 40 ms grid; when the buffer is empty the track
 sends silence and never stalls. The grid follows the model's output, which arrives once per micro-turn paced by the
 browser's own audio clock:
 
@@ -13,7 +13,11 @@ browser's own audio clock:
 The grid only moves earlier at the start of a talk spurt, so frames never leave faster than real time within one;
 it moves later only by observed lateness. Latency added that way is won back in silence: when output lands while
 older output is still queued, the queued excess is recorded, and that many near-silent frames are skipped. Send times
-are ``anchor + n * 20 ms`` from an integer frame count and RTP timestamps advance exactly 960 a frame: nothing drifts.
+are ``anchor + n * 40 ms`` from an integer frame count and RTP timestamps advance exactly 1920 a frame: nothing drifts.
+
+Why 40 ms and not WebRTC's usual 20: each frame becomes one RTP packet, and the gateway's cost is mostly per packet
+(encryption, a system call, aiortc's Python around them), so 40 ms halves it. It costs no latency: the model's
+output arrives a whole 200 ms micro-turn at a time, five frames of it, and the first leaves at once.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from webrtc_gateway.resample import Interpolator
 
 RATE = 48_000
-FRAME_SAMPLES = 960  # 20 ms
+FRAME_SAMPLES = 1920  # 40 ms: one Opus packet
 FRAME_S = FRAME_SAMPLES / RATE
 TIME_BASE = fractions.Fraction(1, RATE)
 
