@@ -55,6 +55,8 @@ async def test_demo_page_talks_to_the_gateway(gateway: TestServer, speech_wav: P
             await asyncio.sleep(0.1)
 
     assert state["state"] == "connected"
+    # Chrome sends 40 ms packets, as the answer's a=ptime asks (by default it sends 20 ms: 10 a micro-turn)
+    assert 4 <= state["audio_frames_in"] / state["micro_turns"] <= 6
     levels = state["input_levels_dbfs"][3:]  # skip the first micro-turns (connection, audio processing warm-up)
     assert len(levels) >= 25
     # the gateway heard the speech: loud micro-turns well above silence, and quiet ones between phrases

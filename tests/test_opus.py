@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamTrack
 
-from webrtc_gateway.opus import OpusTrack
+from webrtc_gateway.opus import OpusTrack, with_packet_time
 from webrtc_gateway.playout import FRAME_SAMPLES, RATE
 
 
@@ -68,3 +68,12 @@ async def test_digital_silence_stays_inaudible() -> None:
 async def test_frames_it_cannot_code_as_one_mono_packet_are_refused() -> None:
     with pytest.raises(ValueError, match="mono"):
         await OpusTrack(Frames(np.zeros(FRAME_SAMPLES, np.float32), layout="stereo")).recv()
+
+
+def test_the_answer_asks_for_the_gateways_packet_time_on_audio_only() -> None:
+    sdp = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+           "m=audio 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:96 opus/48000/2\r\n"
+           "m=video 9 UDP/TLS/RTP/SAVPF 97\r\na=rtpmap:97 VP8/90000\r\n")
+    lines = with_packet_time(sdp).split("\r\n")
+    assert lines == [*sdp.split("\r\n")[:7], f"a=ptime:{FRAME_SAMPLES * 1000 // RATE}", *sdp.split("\r\n")[7:]]
+    assert with_packet_time(with_packet_time(sdp)) == with_packet_time(sdp)

@@ -11,8 +11,9 @@ as they are), encoded in place by an :class:`OpusEncoder`, one packet per frame:
   digital silence as on sound, and an idle model's playout is mostly digital silence.
 
 The packets keep the frames' timestamps, so RTP time is the source's. The negotiation must then settle on Opus,
-which :func:`prefer_opus` makes sure of. (aiortc puts the RFC 6465 audio-level header extension only on packets it
-encoded itself, so these go without it; nothing here reads it.)
+which :func:`prefer_opus` makes sure of; :func:`with_packet_time` asks the browser to send 40 ms packets as well.
+(aiortc puts the RFC 6465 audio-level header extension only on packets it encoded itself, so these go without it;
+nothing here reads it.)
 """
 
 from __future__ import annotations
@@ -82,3 +83,19 @@ def prefer_opus(transceiver: RTCRtpTransceiver) -> None:
     """Negotiate only Opus on ``transceiver``: the packets :class:`OpusTrack` sends are Opus."""
     codecs = RTCRtpSender.getCapabilities("audio").codecs
     transceiver.setCodecPreferences([c for c in codecs if c.mimeType.lower() == "audio/opus"])
+
+
+def with_packet_time(sdp: str) -> str:
+    """``sdp`` with ``a=ptime`` (RFC 4566) set to the gateway's frame length in each audio section: Chrome then sends
+    40 ms packets too (aiortc does not read it). An answer may carry it; an offerer need not follow it."""
+    lines: list[str] = []
+    in_audio = False  # inside an audio section that has no a=ptime yet
+    for line in [*sdp.rstrip("\r\n").split("\r\n"), "m="]:  # a last "m=" closes the last section
+        if line.startswith("m="):
+            if in_audio:
+                lines.append(f"a=ptime:{FRAME_MS}")
+            in_audio = line.startswith("m=audio ")
+        elif line.startswith("a=ptime:"):
+            in_audio = False
+        lines.append(line)
+    return "\r\n".join(lines[:-1]) + "\r\n"

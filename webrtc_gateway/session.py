@@ -52,7 +52,7 @@ from webrtc_gateway.conversation_log import ConversationLog
 from webrtc_gateway.dispatch import MicroTurnClock
 from webrtc_gateway.ingest import AudioIngest, Inbox, VideoIngest
 from webrtc_gateway.jitter import use_pass_through
-from webrtc_gateway.opus import OpusTrack, prefer_opus
+from webrtc_gateway.opus import OpusTrack, prefer_opus, with_packet_time
 from webrtc_gateway.playout import PlayoutTrack
 from webrtc_gateway.store import LogEntry
 from webrtc_gateway.timeline import InputTimeline, MediaClock
@@ -169,7 +169,7 @@ class GatewaySession:
         await self.pc.setLocalDescription(answer)
         self._spawn(self._watch_connect(), "connect-timeout")
         self._spawn(self._watch_age(), "max-session-length")
-        return str(self.pc.localDescription.sdp)
+        return with_packet_time(str(self.pc.localDescription.sdp))
 
     async def _pick_up(self, plan: ResumePlan) -> None:
         await self.engine.open_session(self.session_id, self.seed, history=plan.history)
@@ -402,3 +402,4 @@ async def _drain(track: MediaStreamTrack) -> None:
     with contextlib.suppress(Exception):
         while True:
             await track.recv()
+
