@@ -8,8 +8,10 @@ import av
 import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtp import RtpPacket
 
-from webrtc_gateway.opus import OpusTrack, with_packet_time
+from webrtc_gateway.jitter import DecodingJitterBuffer
+from webrtc_gateway.opus import OpusEncoder, OpusTrack, with_packet_time
 from webrtc_gateway.playout import FRAME_SAMPLES, RATE
 
 
@@ -77,3 +79,35 @@ def test_the_answer_asks_for_the_gateways_packet_time_on_audio_only() -> None:
     lines = with_packet_time(sdp).split("\r\n")
     assert lines == [*sdp.split("\r\n")[:7], f"a=ptime:{FRAME_SAMPLES * 1000 // RATE}", *sdp.split("\r\n")[7:]]
     assert with_packet_time(with_packet_time(sdp)) == with_packet_time(sdp)
+
+
+def rtp(sequence: int, timestamp: int, payload: bytes) -> RtpPacket:
+    packet = RtpPacket(payload_type=96, sequence_number=sequence, timestamp=timestamp, payload=payload)
+    packet._data = payload  # what aiortc's receiver sets before the jitter buffer sees the packet
+    return packet
+
+
+def test_inbound_packets_are_decoded_on_arrival_in_place_and_in_order() -> None:
+    t = np.arange(10 * FRAME_SAMPLES) / RATE
+    signal = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    encoder = OpusEncoder()
+    payloads = []
+    for n in range(10):
+        frame = av.AudioFrame.from_ndarray((signal[n * FRAME_SAMPLES:(n + 1) * FRAME_SAMPLES] * 32767)
+                                           .astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate, frame.pts = RATE, n * FRAME_SAMPLES
+        payloads.append(bytes(encoder.encode(frame)))
+    fed: list[tuple[int, np.ndarray]] = []
+    buffer = DecodingJitterBuffer(lambda pts, mono: fed.append((pts, mono)))
+    first = 2**32 - 3 * FRAME_SAMPLES  # the RTP timestamp wraps around on the way
+    order = [0, 1, 2, 2, 4, 3, 5, 6, 7, 8, 9]  # a duplicate, and 3 arrives after 4
+    for n in order:
+        assert buffer.add(rtp((65_530 + n) % 2**16, (first + n * FRAME_SAMPLES) % 2**32, payloads[n])) == (False, None)
+    buffer.add(rtp((65_530 + 10) % 2**16, 0, b"\xff\xff\xff"))  # garbage (the sequence number wrapped too)
+    assert buffer.dropped == 3  # the duplicate, the late packet and the garbage; nothing raised
+    assert [pts for pts, _ in fed] == [n * FRAME_SAMPLES for n in (0, 1, 2, 4, 5, 6, 7, 8, 9)]
+    assert all(mono.dtype == np.float32 and len(mono) == FRAME_SAMPLES for _, mono in fed)
+    out = np.concatenate([mono for pts, mono in fed if pts >= 5 * FRAME_SAMPLES])
+    b = signal[5 * FRAME_SAMPLES + 960:]
+    assert max(np.corrcoef(out[lag + 960:lag + 960 + len(b) - 960], b[:len(b) - 960])[0, 1]
+               for lag in range(480)) > 0.95

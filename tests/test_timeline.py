@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import fractions
-
-import av
 import numpy as np
 
 from microturn.contracts import MICRO_TURN_SAMPLES
@@ -15,13 +12,6 @@ from webrtc_gateway.timeline import InputTimeline, MediaClock
 
 def tone(freq: float, seconds: float, rate: int) -> np.ndarray:
     return np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate).astype(np.float32)
-
-
-def stereo_frame(mono: np.ndarray, pts: int) -> av.AudioFrame:
-    pcm = (np.repeat(mono[:, None], 2, axis=1) * 32767).astype(np.int16).reshape(1, -1)
-    frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
-    frame.sample_rate, frame.pts, frame.time_base = 48_000, pts, fractions.Fraction(1, 48_000)
-    return frame
 
 
 def test_decimator_in_frames_equals_one_piece() -> None:
@@ -53,7 +43,7 @@ def test_micro_turn_boundaries_follow_timestamps() -> None:
     ingest = AudioIngest(timeline, clock, now=lambda: 0.0)
     ramp = np.arange(48_000 * 2, dtype=np.float32) / 48_000 / 4  # a slow ramp: value tells the position
     for pts in range(0, len(ramp), 960):
-        ingest.feed(stereo_frame(ramp[pts:pts + 960], pts))
+        ingest.feed(pts, ramp[pts:pts + 960])
     assert timeline.complete(9) and not timeline.complete(10)
     first = timeline.take()
     second = timeline.take()
@@ -69,7 +59,7 @@ def test_lost_frames_become_silence_in_place() -> None:
     lost = {960 * 12, 960 * 13}  # 40 ms lost inside micro-turn 1 (which spans 48 kHz samples 9600..19200)
     for pts in range(0, len(x), 960):
         if pts not in lost:
-            ingest.feed(stereo_frame(x[pts:pts + 960], pts))
+            ingest.feed(pts, x[pts:pts + 960])
     assert ingest.gaps == 1
     timeline.take()
     turn1 = timeline.take()

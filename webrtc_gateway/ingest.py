@@ -1,8 +1,8 @@
 """Ingest: inbound media and data-channel input of one session, turned into input for micro-turns.
 
-- :class:`AudioIngest` decodes nothing itself (aiortc's decoder thread does); it mixes each 48 kHz frame to mono,
-  resamples it to 16 kHz and writes it onto the :class:`~webrtc_gateway.timeline.InputTimeline` at the position its
-  RTP timestamp names, and tells the :class:`~webrtc_gateway.timeline.MediaClock` when it arrived.
+- :class:`AudioIngest` takes each decoded 48 kHz mono packet (from :mod:`webrtc_gateway.jitter`), resamples it to
+  16 kHz and writes it onto the :class:`~webrtc_gateway.timeline.InputTimeline` at the position its RTP timestamp
+  names, and tells the :class:`~webrtc_gateway.timeline.MediaClock` when it arrived.
 - :class:`VideoIngest` keeps only the latest frame and downscales it when a micro-turn asks for it.
 - :class:`Inbox` holds typed text and control events until the micro-turn in which they arrived is dispatched.
 """
@@ -30,19 +30,6 @@ INPUT_RATE = 48_000
 FrameT = TypeVar("FrameT", av.AudioFrame, av.VideoFrame)
 
 
-def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
-    """An s16 or float frame, packed or planar, any channel count → mono float32 in [-1, 1]."""
-    channels = len(frame.layout.channels)
-    if frame.format.name == "s16" and channels <= 2:  # what aiortc's decoders produce: the fast path
-        pcm = np.frombuffer(memoryview(frame.planes[0]), np.int16, count=frame.samples * channels).astype(np.float32)
-        return (pcm[0::2] + pcm[1::2]) * np.float32(0.5 / 32768) if channels == 2 else pcm * np.float32(1 / 32768)
-    data = frame.to_ndarray()
-    mono = data.mean(axis=0) if frame.format.is_planar else data.reshape(-1, channels).mean(axis=1)
-    if data.dtype == np.int16:
-        mono = mono / 32768.0
-    return mono.astype(np.float32)
-
-
 async def consume(track: MediaStreamTrack, kind: type[FrameT], feed: Callable[[FrameT], None]) -> None:
     """Read a remote track until it ends, feeding every frame (an unread aiortc track's queue grows without bound)."""
     try:
@@ -55,7 +42,7 @@ async def consume(track: MediaStreamTrack, kind: type[FrameT], feed: Callable[[F
 
 
 class AudioIngest:
-    """Feeds one session's inbound audio track onto its timeline."""
+    """Feeds one session's inbound audio onto its timeline."""
 
     def __init__(self, timeline: InputTimeline, clock: MediaClock,
                  now: Callable[[], float] = time.monotonic) -> None:
@@ -63,16 +50,15 @@ class AudioIngest:
         self.clock = clock
         self.frames = 0
         self.gaps = 0  # discontinuities in the RTP timestamps (lost packets)
-        self.changed = asyncio.Event()  # set whenever the timeline or clock moves
+        # set when the clock first anchors and when the pending micro-turn is complete: the micro-turn clock waits on
+        # it, and waking it for every packet in between would only cost time
+        self.changed = asyncio.Event()
         self._now = now
         self._decimator = Decimator()
         self._expected_pts: int | None = None
 
-    def feed(self, frame: av.AudioFrame) -> None:
-        if frame.sample_rate != INPUT_RATE or frame.pts is None:
-            raise ValueError(f"expected 48 kHz frames with timestamps, got {frame.sample_rate} Hz pts={frame.pts}")
-        mono = frame_to_mono(frame)
-        pts = int(frame.pts)
+    def feed(self, pts: int, mono: np.ndarray) -> None:
+        """``mono``: 48 kHz float samples starting at ``pts`` (48 kHz samples since the stream began)."""
         if self._expected_pts is not None and pts != self._expected_pts:
             self.gaps += 1
             self._decimator.reset()
@@ -81,10 +67,8 @@ class AudioIngest:
         self.timeline.write(pts // RATIO, self._decimator.process(mono[:usable]))
         self.clock.observe((pts + len(mono)) / INPUT_RATE, self._now())
         self.frames += 1
-        self.changed.set()
-
-    async def run(self, track: MediaStreamTrack) -> None:
-        await consume(track, av.AudioFrame, self.feed)
+        if self.frames == 1 or self.timeline.complete(self.timeline.next_turn):
+            self.changed.set()
 
 
 class VideoIngest:

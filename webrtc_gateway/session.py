@@ -5,7 +5,8 @@ A session is composed of small parts, each owning one job (see DESIGN.md, "the p
 - the peer connection (aiortc) with one inbound audio track, an optional inbound video track, the outbound
   :class:`~webrtc_gateway.playout.PlayoutTrack` (encoded by :class:`~webrtc_gateway.opus.OpusTrack`), and the
   ``microturn`` data channel;
-- ingest (:mod:`webrtc_gateway.ingest`) onto the input timeline, and the micro-turn clock
+- ingest (:mod:`webrtc_gateway.ingest`, fed by :mod:`webrtc_gateway.jitter` as packets arrive) onto the input
+  timeline, and the micro-turn clock
   (:mod:`webrtc_gateway.dispatch`) that submits each due micro-turn to the engine;
 - egress: outputs, awaited in micro-turn order, go to the playout buffer (audio) and the data channel (captions and
   events).
@@ -51,7 +52,7 @@ from webrtc_gateway.background import SessionBackground
 from webrtc_gateway.conversation_log import ConversationLog
 from webrtc_gateway.dispatch import MicroTurnClock
 from webrtc_gateway.ingest import AudioIngest, Inbox, VideoIngest
-from webrtc_gateway.jitter import use_pass_through
+from webrtc_gateway.jitter import DecodingJitterBuffer, replace_jitter_buffer
 from webrtc_gateway.opus import OpusTrack, prefer_opus, with_packet_time
 from webrtc_gateway.playout import PlayoutTrack
 from webrtc_gateway.store import LogEntry
@@ -220,8 +221,8 @@ class GatewaySession:
         if track.kind == "audio" and not self._audio_seen:
             self._audio_seen = True
             receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
-            use_pass_through(receiver)
-            self._spawn(self.audio.run(track), "audio-ingest")
+            # packets are decoded and fed to the ingest as they arrive; the track itself never yields a frame
+            replace_jitter_buffer(receiver, DecodingJitterBuffer(self.audio.feed))
             self._spawn(self.clock.run(self._submit), "micro-turn-clock")
             self._spawn(self._egress(), "egress")
             self._spawn(self._watch_idle(), "idle")
