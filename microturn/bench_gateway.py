@@ -71,15 +71,15 @@ def _prepare(url: str, seconds: float, video: bool, seed: int) -> tuple[ProbeCli
     return ProbeClient(url, signal, picture=picture, encoded_mic=True), times
 
 
-async def _one_session(client: ProbeClient, times: list[float], seconds: float, seed: int) -> dict[str, Any]:
+async def _one_session(client: ProbeClient, seconds: float, seed: int) -> str | None:
+    """Stream for ``seconds``, then hang up; the error that ended it early, if any."""
     await asyncio.sleep(random.Random(seed + 1).uniform(0, 0.5))  # sessions start at arbitrary phases
     try:
         await client.connect()
         await asyncio.sleep(max(0.0, seconds - client.now()))
-        added, lost = measure(client.output(seconds), times)
-        return {"added": added, "lost": lost, "error": None}
+        return None
     except Exception as exc:  # reported in the JSON, not raised: one failed session must not hide the rest
-        return {"added": [], "lost": len(times), "error": f"{type(exc).__name__}: {exc}"}
+        return f"{type(exc).__name__}: {exc}"
     finally:
         await client.close()
 
@@ -88,11 +88,17 @@ def _client_process(url: str, sessions: int, seconds: float, video: bool, seed: 
     use_host_addresses(["127.0.0.1"])
 
     async def main() -> list[dict[str, Any]]:
-        # every microphone is encoded before the first session connects: none of it happens while media flows
+        # every microphone is encoded before the first session connects, and what came back is decoded after the
+        # last one hung up: none of it happens while media flows
         seeds = [seed * 1000 + i for i in range(sessions)]
         prepared = [_prepare(url, seconds, video, s) for s in seeds]
-        return list(await asyncio.gather(*(_one_session(client, times, seconds, s)
-                                           for (client, times), s in zip(prepared, seeds, strict=True))))
+        errors = await asyncio.gather(*(_one_session(client, seconds, s)
+                                        for (client, _), s in zip(prepared, seeds, strict=True)))
+        results = []
+        for (client, times), error in zip(prepared, errors, strict=True):
+            added, lost = measure(client.output(seconds), times) if error is None else ([], len(times))
+            results.append({"added": added, "lost": lost, "error": error})
+        return results
 
     return asyncio.run(main())
 

@@ -26,7 +26,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from webrtc_gateway.playout import FRAME_SAMPLES, RATE, TIME_BASE
 
 BIT_RATE = 48_000  # mono speech: transparent at 48 kbit/s
-COMPLEXITY = 5  # of libopus's 0–10
+COMPLEXITY = 1  # of libopus's 0–10
 FRAME_MS = FRAME_SAMPLES * 1000 // RATE
 
 
