@@ -23,7 +23,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import av
@@ -39,7 +39,7 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
 from aiortc.rtp import RtpPacket
 
-from webrtc_gateway.jitter import replace_jitter_buffer
+from webrtc_gateway.jitter import InboundOpus, replace_jitter_buffer
 from webrtc_gateway.opus import OpusEncoder, OpusTrack, prefer_opus
 from webrtc_gateway.playout import FRAME_SAMPLES as FRAME
 from webrtc_gateway.playout import RATE
@@ -131,8 +131,8 @@ class ScheduledCameraTrack(VideoStreamTrack):
 
 @dataclass
 class Received:
-    # (monotonic arrival, RTP timestamp less the connection's first, Opus payload, connection number)
-    packets: list[tuple[float, int, bytes, int]] = field(default_factory=list)
+    # (monotonic arrival, packet, connection number)
+    packets: list[tuple[float, RtpPacket, int]] = field(default_factory=list)
     messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (mic-clock arrival, message)
 
 
@@ -141,16 +141,12 @@ class PacketRecorder:
     decoder (aiortc would pass each one to a decoder thread and back). The client decodes afterwards, so one machine
     can run many sessions against a gateway without the clients' own work skewing what is measured."""
 
-    def __init__(self, packets: list[tuple[float, int, bytes, int]], connection: int) -> None:
+    def __init__(self, packets: list[tuple[float, RtpPacket, int]], connection: int) -> None:
         self.packets = packets
         self.connection = connection
-        self._first: int | None = None
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
-        if self._first is None:
-            self._first = packet.timestamp
-        timestamp = (packet.timestamp - self._first) % 2**32
-        self.packets.append((time.monotonic(), timestamp, packet._data, self.connection))  # type: ignore[attr-defined]
+        self.packets.append((time.monotonic(), packet, self.connection))
         return False, None
 
 
@@ -195,7 +191,8 @@ class ProbeClient:
         self._tasks: list[asyncio.Task[Any]] = []
         self._http: aiohttp.ClientSession | None = None
         self._decoded: list[tuple[float, int, np.ndarray, int]] = []
-        self._decoders: dict[int, tuple[av.AudioCodecContext, int]] = {}  # connection → (decoder, last timestamp)
+        self._replayed = 0  # received packets decoded so far
+        self._streams: dict[int, InboundOpus] = {}  # by connection number
 
     @property
     def headers(self) -> dict[str, str]:
@@ -368,17 +365,12 @@ class ProbeClient:
     def audio(self) -> list[tuple[float, int, np.ndarray, int]]:
         """Received audio decoded, packet by packet: (monotonic arrival, pts, 48 kHz mono, connection number)."""
         packets = self.received.packets
-        for arrival, timestamp, payload, connection in packets[len(self._decoded):]:
-            decoder, last = self._decoders.get(connection, (None, -1))
-            if decoder is None:
-                decoder = cast(av.AudioCodecContext, av.CodecContext.create("libopus", "r"))
-                decoder.format, decoder.layout, decoder.sample_rate = "s16", "mono", RATE
-            self._decoders[connection] = (decoder, max(last, timestamp))
-            pcm = np.zeros(0, np.float32)
-            if timestamp > last:  # duplicates and late packets are dropped, as a jitter buffer would
-                frames = decoder.decode(av.Packet(payload))
-                pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]) * np.float32(1 / 32768)
-            self._decoded.append((arrival, timestamp, pcm, connection))
+        for arrival, packet, connection in packets[self._replayed:]:
+            if connection not in self._streams:
+                self._streams[connection] = InboundOpus()
+            pieces = self._streams[connection].decode(packet)
+            self._decoded += [(arrival, pts, mono, connection) for pts, mono in pieces]
+        self._replayed = len(packets)
         return self._decoded
 
     def audio_seconds(self) -> float:

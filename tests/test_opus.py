@@ -104,7 +104,7 @@ def test_inbound_packets_are_decoded_on_arrival_in_place_and_in_order() -> None:
     for n in order:
         assert buffer.add(rtp((65_530 + n) % 2**16, (first + n * FRAME_SAMPLES) % 2**32, payloads[n])) == (False, None)
     buffer.add(rtp((65_530 + 10) % 2**16, 0, b"\xff\xff\xff"))  # garbage (the sequence number wrapped too)
-    assert buffer.dropped == 3  # the duplicate, the late packet and the garbage; nothing raised
+    assert buffer.stream.dropped == 3  # the duplicate, the late packet and the garbage; nothing raised
     assert [pts for pts, _ in fed] == [n * FRAME_SAMPLES for n in (0, 1, 2, 4, 5, 6, 7, 8, 9)]
     assert all(mono.dtype == np.float32 and len(mono) == FRAME_SAMPLES for _, mono in fed)
     out = np.concatenate([mono for pts, mono in fed if pts >= 5 * FRAME_SAMPLES])

@@ -403,4 +403,3 @@ async def _drain(track: MediaStreamTrack) -> None:
     with contextlib.suppress(Exception):
         while True:
             await track.recv()
-

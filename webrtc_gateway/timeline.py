@@ -69,9 +69,9 @@ class MediaClock:
     Each arrival gives an offset ``wall - media``; the clock uses the smallest offset seen in the current and the
     previous window (the least-delayed packet), so jitter does not move deadlines and slow clock drift is followed.
     How much later than that packets usually arrive is the jitter: :attr:`jitter` is the 95th percentile of the last
-    ``jitter_packets`` arrivals' lateness, which the micro-turn clock adds to its deadlines. It is recomputed every
-    ``refresh_packets`` arrivals (200 ms of 20 ms packets), not on every one: deadlines are read after every packet,
-    and a quantile per packet was the largest single cost of a session's event loop.
+    ``jitter_packets`` arrivals' lateness, which the micro-turn clock adds to its deadlines. It is recomputed at most
+    every ``refresh_packets`` arrivals (400 ms of 40 ms packets), not on every one: a quantile per packet was once the
+    largest single cost of a session's event loop.
     """
 
     def __init__(self, window_s: float = 10.0, jitter_packets: int = 250, refresh_packets: int = 10) -> None:
