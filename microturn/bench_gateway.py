@@ -5,14 +5,15 @@ The gateway runs as its own process (``microturn serve --model echo``, media on 
 (1 ms clicks at random offsets within micro-turns, about two a second, each session starting at a random phase) and
 records the echo. The added latency of one impulse is its measured round trip at the client minus the 200 ms that
 micro-turn alignment costs by design (see :mod:`microturn.client` for how received audio is placed in time). Each
-client's microphone is Opus-coded before the run and what comes back is decoded after it, so the clients' time goes
-to the network and the measurement is the gateway's. Server counters come from its ``/metrics``; its CPU time from
-``/proc``.
+client's microphone is Opus-coded before the run, what comes back is decoded after it, and the load processes do not
+collect garbage while media flows: the clients' time goes to the network, and the measurement is the gateway's.
+Server counters come from its ``/metrics``; its CPU time from ``/proc``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import random
@@ -92,8 +93,14 @@ def _client_process(url: str, sessions: int, seconds: float, video: bool, seed: 
         # last one hung up: none of it happens while media flows
         seeds = [seed * 1000 + i for i in range(sessions)]
         prepared = [_prepare(url, seconds, video, s) for s in seeds]
-        errors = await asyncio.gather(*(_one_session(client, seconds, s)
-                                        for (client, _), s in zip(prepared, seeds, strict=True)))
+        # nor does garbage get collected while media flows: a full collection of a load process's recorded packets
+        # took 75-115 ms, and held up the microphones of all its sessions that long
+        gc.disable()
+        try:
+            errors = await asyncio.gather(*(_one_session(client, seconds, s)
+                                            for (client, _), s in zip(prepared, seeds, strict=True)))
+        finally:
+            gc.enable()
         results = []
         for (client, times), error in zip(prepared, errors, strict=True):
             added, lost = measure(client.output(seconds), times) if error is None else ([], len(times))

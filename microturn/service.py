@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -17,6 +18,10 @@ async def serve_until_signalled(app: web.Application, host: str, port: int,
     """Serve ``app`` on ``host:port``; on SIGTERM or SIGINT await ``drain(app)``, then clean up."""
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
+    # What start-up allocated (modules, the model, torch's objects) lives as long as the process: kept out of the
+    # collector's way, a full collection scans only what sessions allocate. Before this, one took 77 ms with 20
+    # sessions live, and held up every session's media for as long.
+    gc.freeze()
     await web.TCPSite(runner, host, port).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

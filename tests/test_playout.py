@@ -4,71 +4,132 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 
 import numpy as np
 import pytest
 
-from webrtc_gateway.playout import FRAME_S, FRAME_SAMPLES, FrameSchedule, PlayoutTrack
+from webrtc_gateway.playout import FRAME_S, FRAME_SAMPLES, TRACK_OUTPUTS, FrameSchedule, PlayoutTrack
 
 PER_TURN = round(0.2 / FRAME_S)  # frames in one micro-turn of output
 
 
-def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, quiet_after: int = 5,
-             seed: int = 0) -> tuple[list[float], list[float], int]:
-    """Model output (one micro-turn of frames) lands every 200 ms plus a random lateness; a sender loop follows the
-    same rules as PlayoutTrack.recv. Returns send times, output arrival times and underrun frames, in simulated
+def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, track_step_s: float = 0.010,
+             quiet_after: int = 5, seed: int = 0, late: dict[int, float] | None = None,
+             stall: tuple[float, float] = (0.0, 0.0)) -> tuple[list[float], list[float], list[float], int]:
+    """Model output (one micro-turn of frames: a sound, then silence) lands every 200 ms plus a random lateness
+    (plus ``late[k]`` for output ``k``); a sender loop follows the same rules as PlayoutTrack.recv and push. During
+    ``stall`` (start, seconds) the event loop is stuck: nothing is sent, and output that comes is taken after it.
+    Returns send times, output arrival times, when each output's sound was sent, and underrun frames, in simulated
     seconds."""
     rng = random.Random(seed)
     schedule = FrameSchedule()
-    arrivals = [0.5 + 0.2 * k + rng.uniform(0, jitter_s) for k in range(int(minutes * 60 / 0.2))]
-    buffered, landed, now, speaking, missed = 0, 0, 0.0, False, 0
+    arrivals = [0.5 + 0.2 * k + rng.uniform(0, jitter_s) + (late or {}).get(k, 0.0)
+                for k in range(int(minutes * 60 / 0.2))]
+    arrivals = [stall[0] + stall[1] if stall[0] <= t < stall[0] + stall[1] else t for t in arrivals]
+    queue: deque[tuple[int, bool]] = deque()  # (output, silent) per buffered frame
+    sounded = [0.0] * len(arrivals)
+    lateness: list[float] = []
+    queued: deque[int] = deque(maxlen=TRACK_OUTPUTS)
+    landed, now, speaking, missed, excess, underruns = 0, 0.0, False, 0, 0, 0
     sent: list[float] = []
-    underruns = 0
-    while landed < len(arrivals) or buffered:  # until the last output has drained
+    while landed < len(arrivals) or queue:  # until the last output has drained
         due = schedule.due(now)
-        rephase = False
-        if buffered == 0:
-            limit = due + (tolerance_s if speaking else 0.0)
+        at, restart, shift = due, False, 0.0
+        if not queue:
+            limit = max(due, now) + tolerance_s if speaking else due
             if landed < len(arrivals) and arrivals[landed] <= limit:
                 arrival = max(now, arrivals[landed])
-                rephase = not speaking or arrival > due
-                now = arrival if rephase else due
-            else:
-                rephase = speaking
-                now = max(now, limit)
-        else:
-            now = max(now, due)
+                if not speaking:
+                    at, restart = arrival, True
+                    lateness.clear()
+                else:
+                    at = max(arrival, due)
+                    lateness.append(arrival - due)
+                    if len(lateness) == TRACK_OUTPUTS:
+                        shift = max(-track_step_s, min(track_step_s, sorted(lateness)[-2]))
+                        lateness.clear()
+            elif speaking:
+                at = limit
+        now = max(now, at)
+        if stall[0] <= now < stall[0] + stall[1]:
+            now = stall[0] + stall[1]
         while landed < len(arrivals) and arrivals[landed] <= now:
-            buffered, landed, speaking = buffered + PER_TURN, landed + 1, True
-        if buffered:
-            buffered, missed = buffered - 1, 0
+            queued.append(len(queue))
+            if len(queued) == TRACK_OUTPUTS:
+                excess = min(queued)
+            queue.extend((landed, i > 0) for i in range(PER_TURN))
+            landed, speaking = landed + 1, True
+        while excess and len(queue) >= 2 and queue[0][1]:
+            queue.popleft()
+            excess -= 1
+            queued.clear()
+        if queue:
+            output, silent = queue.popleft()
+            missed = 0
+            if not silent:
+                sounded[output] = now
         elif speaking:
             underruns, missed = underruns + 1, missed + 1
             speaking = missed < quiet_after
-        schedule.sent(now, rephase)
+        schedule.shift(shift)
+        schedule.sent(now, restart)
         sent.append(now)
-    return sent, arrivals, underruns
+    return sent, arrivals, sounded, underruns
 
 
 def test_ten_minutes_without_drift() -> None:
-    sent, arrivals, underruns = simulate(minutes=10, jitter_s=0.010)
+    sent, arrivals, sounded, underruns = simulate(minutes=10, jitter_s=0.010)
     after_first = [t for t in sent if t >= arrivals[0]]
     media = len(after_first) * FRAME_S
     elapsed = after_first[-1] - after_first[0] + FRAME_S
     assert abs(media - elapsed) < 0.02  # frames out match wall time over 10 minutes
     assert underruns == 0
-    # latency from output arrival to the frame that starts playing it settles at the jitter, never creeps up
-    lag = [min(t for t in after_first if t >= a) - a for a in arrivals]
-    assert max(lag) <= 0.010 + 1e-9  # bounded by the jitter over all 3000 outputs: no creep
+    # latency from output arrival to the frame that plays it stays within the jitter: it never creeps up
+    lag = np.subtract(sounded, arrivals)
+    assert lag.max() <= 0.010 + 1e-9
 
 
 def test_late_output_beyond_tolerance_counts_underruns_but_never_outpaces_real_time() -> None:
-    sent, arrivals, underruns = simulate(minutes=2, jitter_s=0.060, seed=3)
+    sent, arrivals, sounded, underruns = simulate(minutes=2, jitter_s=0.060, seed=3)
     assert underruns > 0
     speaking = np.array([t for t in sent if t >= arrivals[0]])
-    assert np.all(np.diff(speaking) >= FRAME_S - 1e-9)  # once talking, never two frames closer than one frame
-    lag = [min(t for t in sent if t >= a) - a for a in arrivals]
-    assert max(lag) <= 0.060 + FRAME_S  # latency stays bounded by the jitter
+    # no bursts: a frame late by at most the tolerance, then the next on a grid that moved at most a step earlier
+    assert np.all(np.diff(speaking) >= FRAME_S - 0.015 - 0.010 - 1e-9)
+    offset = speaking - FRAME_S * np.arange(len(speaking))  # against the timestamps' clock
+    assert np.ptp(offset) <= 0.060 + 0.015 + 1e-9  # the grid stays within the output's jitter: no drift
+    assert np.subtract(sounded, arrivals).max() <= 0.060 + FRAME_S  # latency stays bounded by the jitter
+
+
+def test_late_output_leaves_the_grid_with_the_output() -> None:
+    # output 100 lands 70 ms late (past the tolerance: an underrun), the others within 5 ms of their time
+    sent, arrivals, sounded, underruns = simulate(minutes=1, jitter_s=0.005, late={100: 0.070})
+    assert underruns >= 1
+    lag = np.subtract(sounded, arrivals)
+    assert lag[:100].max() <= 0.005 + 1e-9
+    # the frames it was late by stay queued as a margin while outputs keep needing it, then are won back
+    assert lag[101] > 0.030
+    assert lag[101 + TRACK_OUTPUTS + 1:].max() <= 0.005 + 1e-9  # and the grid did not move late with it
+
+
+def test_a_talk_spurt_that_started_late_does_not_keep_later_output_waiting() -> None:
+    sent, arrivals, sounded, _ = simulate(minutes=1, jitter_s=0.005, late={0: 0.030})  # the grid starts 30 ms late
+    lag = np.subtract(sounded, arrivals)
+    assert lag[1] > 0.020
+    assert lag[3 * TRACK_OUTPUTS + 1:].max() <= 0.005 + 1e-9  # three steps later the grid is with the output
+
+
+def test_a_stalled_sender_catches_up_without_moving_its_timestamps() -> None:
+    # the sender cannot send for 70 ms at 20 s (the event loop stalled)
+    sent, arrivals, sounded, _ = simulate(minutes=1, jitter_s=0.005, stall=(20.0, 0.070))
+    times = np.array(sent)
+    # a receiver plays frame n at n * 40 ms plus a fixed delay: how late each frame is against that
+    offset = times - FRAME_S * np.arange(len(times))
+    before = np.median(offset[(times > 10) & (times < 19)])
+    assert np.median(offset[(times > 25) & (times < 35)]) == pytest.approx(before, abs=0.005)
+    assert 0.030 < offset.max() - before <= 0.070 + 1e-9  # only the frames the stall held up were late
+    lag = np.subtract(sounded, arrivals)
+    assert lag[np.array(arrivals) > 21].max() <= 0.005 + 1e-9
 
 
 async def test_track_sends_buffered_audio_then_silence() -> None:
@@ -100,15 +161,17 @@ async def test_track_bounds_its_buffer() -> None:
 
 
 async def test_latency_added_by_late_output_is_won_back_in_silence() -> None:
-    track = PlayoutTrack()
+    track = PlayoutTrack(max_buffer_s=5.0)
     speech, silence = np.full(3200, 0.3, np.float32), np.zeros(3200, np.float32)
-    track.push(speech)
-    track.push(np.concatenate([silence[:2560], speech[:640]]))  # lands while a whole micro-turn is still queued
-    sent = [np.abs((await track.recv()).to_ndarray()).mean() / 32767 for _ in range(7)]
-    # 4 frames of excess; of the new output's 4 silent frames the first rings with the end of the speech through
+    for _ in range(TRACK_OUTPUTS):
+        track.push(speech)
+    # lands while whole micro-turns are still queued, as did each of the outputs before it but the first
+    track.push(np.concatenate([silence[:2560], speech[:640]]))
+    sent = [np.abs((await track.recv()).to_ndarray()).mean() / 32767 for _ in range(TRACK_OUTPUTS * PER_TURN + 2)]
+    # 5 frames of excess; of the new output's 4 silent frames the first rings with the end of the speech through
     # the resampling filter, so the other 3 are skipped
     assert track.skipped_frames == 3
-    assert sent[:5] == pytest.approx([0.3] * 5, abs=0.05)  # speech is never skipped
-    assert sent[5] < 0.05
-    assert sent[6] == pytest.approx(0.3, abs=0.05)
+    assert sent[:-2] == pytest.approx([0.3] * (len(sent) - 2), abs=0.05)  # speech is never skipped
+    assert sent[-2] < 0.05
+    assert sent[-1] == pytest.approx(0.3, abs=0.05)
     track.stop()

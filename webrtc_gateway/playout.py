@@ -1,19 +1,25 @@
 """Egress audio: the playout buffer and the outbound track that paces it in 40 ms frames at 48 kHz.
 
-The buffer holds only what the model produced. Frames leave on a 40 ms grid; when the buffer is empty the track
-sends silence and never stalls. The grid follows the model's output, which arrives once per micro-turn paced by the
-browser's own audio clock:
+The buffer holds only what the model produced. Frames leave on a 40 ms grid, send times ``anchor + n * 40 ms``
+from an integer frame count, and RTP timestamps advance exactly 1920 a frame. A receiver plays each packet at its
+timestamp plus a playout delay that has to cover how late packets arrive against their timestamps, so within a
+talk spurt the grid stays put: a late frame is sent late, not the whole stream. Model output arrives once per
+micro-turn, paced by the browser's own audio clock, and the grid follows its phase:
 
 - output that starts a talk spurt (it lands in an empty buffer while the model was quiet) goes out at once and the
-  grid is re-phased to it;
+  grid starts there;
 - while the model speaks, a due frame with an empty buffer waits up to ``tolerance`` for late output; output that
-  lands in that window goes out at once. If none comes, silence is sent and counted as an underrun; either way the
-  grid moves later by the wait. After ``quiet_after`` underruns in a row the model counts as quiet again.
+  lands in that window goes out at once, the frames after it on the grid. If none comes, silence is sent and counted
+  as an underrun; after ``quiet_after`` underruns in a row the model counts as quiet again;
+- every :data:`TRACK_OUTPUTS` outputs the grid moves, by at most ``track_step``, to where all but the latest of them
+  would have landed by their frames' due times: it follows a phase that was set by one unlucky output, or that drifts
+  with the browser's clock, without chasing jitter;
+- a sender that fell behind its grid (the event loop stalled) sends the overdue frames back to back instead of
+  dropping their slots, up to :data:`MAX_BEHIND` frames.
 
-The grid only moves earlier at the start of a talk spurt, so frames never leave faster than real time within one;
-it moves later only by observed lateness. Latency added that way is won back in silence: when output lands while
-older output is still queued, the queued excess is recorded, and that many near-silent frames are skipped. Send times
-are ``anchor + n * 40 ms`` from an integer frame count and RTP timestamps advance exactly 1920 a frame: nothing drifts.
+Latency that late output added to the model's audio (its frames queued behind an underrun) is kept while it is of
+use: it is the margin that absorbs the next late output. Once each of the last :data:`TRACK_OUTPUTS` outputs landed
+with at least one whole frame still queued, that many frames are won back by skipping near-silent ones.
 
 Why 40 ms and not WebRTC's usual 20: each frame becomes one RTP packet, and the gateway's cost is mostly per packet
 (encryption, a system call, aiortc's Python around them), so 40 ms halves it. It costs no latency: the model's
@@ -26,6 +32,7 @@ import asyncio
 import contextlib
 import fractions
 import time
+from collections import deque
 from collections.abc import Callable
 
 import av
@@ -38,6 +45,8 @@ RATE = 48_000
 FRAME_SAMPLES = 1920  # 40 ms: one Opus packet
 FRAME_S = FRAME_SAMPLES / RATE
 TIME_BASE = fractions.Fraction(1, RATE)
+MAX_BEHIND = 5  # frames a stalled sender sends back to back to get back on its grid; further behind, it restarts
+TRACK_OUTPUTS = 10  # outputs (2 s) the grid's phase is measured over before it moves
 
 
 class FrameSchedule:
@@ -53,9 +62,16 @@ class FrameSchedule:
             self._anchor = now
         return self._anchor + self._count * FRAME_S
 
-    def sent(self, at: float, rephase: bool) -> None:
-        """A frame left at ``at``; ``rephase`` restarts the grid there (a talk spurt began, or output was late)."""
-        if self._anchor is None or rephase or at > self.due(at) + FRAME_S:  # or the loop stalled a whole frame
+    def shift(self, by: float) -> None:
+        """Move the grid ``by`` seconds (earlier if negative)."""
+        if self._anchor is not None:
+            self._anchor += by
+
+    def sent(self, at: float, restart: bool = False) -> None:
+        """A frame left at ``at``; ``restart`` starts the grid there (a talk spurt began). A sender behind its grid
+        catches up frame by frame, unless it is more than :data:`MAX_BEHIND` frames behind: then the grid restarts
+        at ``at``."""
+        if self._anchor is None or restart or at > self.due(at) + MAX_BEHIND * FRAME_S:
             self._anchor, self._count = at, 0
         self._count += 1
 
@@ -65,11 +81,12 @@ class PlayoutTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, max_buffer_s: float = 2.0, tolerance_s: float = 0.015, quiet_after: int = 5,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_buffer_s: float = 2.0, tolerance_s: float = 0.025, track_step_s: float = 0.010,
+                 quiet_after: int = 5, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.schedule = FrameSchedule()
         self.tolerance = tolerance_s
+        self.track_step = track_step_s
         self.quiet_after = quiet_after
         self.frames_out = 0
         self.underrun_frames = 0  # silence sent while the model was speaking, because its output was late
@@ -77,12 +94,15 @@ class PlayoutTrack(MediaStreamTrack):
         self.skipped_frames = 0  # silent frames dropped to win back latency
         self.speaking = False  # output is flowing; cleared after quiet_after underruns or by stop_speaking()
         self._missed = 0  # consecutive underrun frames
-        self._excess = 0  # frames of latency beyond one frame, seen when the last output landed
+        self._queued: deque[int] = deque(maxlen=TRACK_OUTPUTS)  # whole frames still queued as each output landed
+        self._excess = 0  # frames of latency to win back
         self._clock = clock
         self._max = int(max_buffer_s * RATE)
         self._buffer = np.zeros(0, np.float32)
         self._interp = Interpolator()
         self._arrived = asyncio.Event()
+        self._landed = 0.0  # when the last output landed
+        self._lateness: list[float] = []  # of the last outputs against their frames' due times (s)
         self._pts = 0
 
     @property
@@ -91,12 +111,15 @@ class PlayoutTrack(MediaStreamTrack):
 
     def push(self, audio_16k: np.ndarray) -> None:
         """Queue one micro-turn of model audio (16 kHz float)."""
-        self._excess = max(0, len(self._buffer) // FRAME_SAMPLES - 1)
+        self._queued.append(len(self._buffer) // FRAME_SAMPLES)
+        if len(self._queued) == TRACK_OUTPUTS:  # what every output of the last few found queued was not needed
+            self._excess = min(self._queued)
         self._buffer = np.concatenate([self._buffer, self._interp.process(audio_16k)])
         if len(self._buffer) > self._max:
             self.overrun_samples += len(self._buffer) - self._max
             self._buffer = self._buffer[-self._max:]
         self.speaking = True
+        self._landed = self._clock()
         self._arrived.set()
 
     def stop_speaking(self) -> None:
@@ -107,22 +130,29 @@ class PlayoutTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         due = self.schedule.due(self._clock())
-        rephase = False
+        at, restart = due, False  # when this frame leaves, and whether a talk spurt starts the grid there
         was_speaking = self.speaking
         if len(self._buffer) < FRAME_SAMPLES:
-            # Wait for output: until the due time when quiet, a little past it when speaking.
+            # Wait for output: until the due time when quiet, a little past it (or past now, if the sender is
+            # behind) when speaking.
             self._arrived.clear()
-            limit = due + (self.tolerance if self.speaking else 0.0)
+            limit = max(due, self._clock()) + self.tolerance if self.speaking else due
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, limit - self._clock())):
                     await self._arrived.wait()
-            arrived = len(self._buffer) >= FRAME_SAMPLES
-            # a talk spurt starts now, or we chose to wait past the due time: either way the grid moves here
-            rephase = (arrived and not was_speaking) or (was_speaking and self._clock() > due)
-        await asyncio.sleep(max(0.0, (due if not rephase else self._clock()) - self._clock()))
+            if len(self._buffer) >= FRAME_SAMPLES and not was_speaking:  # a talk spurt starts with this output
+                at, restart = self._landed, True
+                self._lateness.clear()
+            elif len(self._buffer) >= FRAME_SAMPLES:  # the next output: on the grid, or at once if it is late
+                at = max(self._landed, due)
+                self._track(self._landed - due)
+            elif was_speaking:  # none came in time: silence goes out (an underrun), and the grid stays
+                at = limit
+        await asyncio.sleep(max(0.0, at - self._clock()))
         while self._excess and len(self._buffer) >= 2 * FRAME_SAMPLES and _silent(self._buffer[:FRAME_SAMPLES]):
             self._buffer = self._buffer[FRAME_SAMPLES:]
             self._excess -= 1
+            self._queued.clear()
             self.skipped_frames += 1
         if len(self._buffer) >= FRAME_SAMPLES:
             samples, self._buffer = self._buffer[:FRAME_SAMPLES], self._buffer[FRAME_SAMPLES:]
@@ -133,8 +163,17 @@ class PlayoutTrack(MediaStreamTrack):
                 self.underrun_frames += 1
                 self._missed += 1
                 self.speaking = self._missed < self.quiet_after
-        self.schedule.sent(self._clock(), rephase)
+        self.schedule.sent(self._clock(), restart)
         return self._frame(samples)
+
+    def _track(self, lateness: float) -> None:
+        """Follow the output's phase: every :data:`TRACK_OUTPUTS` outputs, move the grid by up to ``track_step``
+        to where all but the latest of them would have landed by their frames' due times."""
+        self._lateness.append(lateness)
+        if len(self._lateness) == TRACK_OUTPUTS:
+            target = sorted(self._lateness)[-2]
+            self.schedule.shift(max(-self.track_step, min(self.track_step, target)))
+            self._lateness.clear()
 
     def _frame(self, samples: np.ndarray) -> av.AudioFrame:
         pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
