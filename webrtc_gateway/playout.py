@@ -45,7 +45,7 @@ RATE = 48_000
 FRAME_SAMPLES = 1920  # 40 ms: one Opus packet
 FRAME_S = FRAME_SAMPLES / RATE
 TIME_BASE = fractions.Fraction(1, RATE)
-MAX_BEHIND = 5  # frames a stalled sender sends back to back to get back on its grid; further behind, it restarts
+MAX_BEHIND = 2  # frames a stalled sender sends back to back to get back on its grid; further behind, it restarts
 TRACK_OUTPUTS = 10  # outputs (2 s) the grid's phase is measured over before it moves
 
 
