@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--parts", choices=["all", "flow"], default="all",
                        help="flow: train only the flow head (audio out), the rest of the model frozen")
     train.add_argument("--decision-weight", type=float, default=0.0,
-                       help="weight of an extra loss on the SPEAK/SILENT decision, its changes counted 4x (0: off)")
+                       help="weight of an extra loss on the SPEAK/SILENT decision, its changes counted more "
+                       "(inference.train.CHANGE_WEIGHT times; 0: off)")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON")
