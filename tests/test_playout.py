@@ -9,7 +9,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from webrtc_gateway.playout import FRAME_S, FRAME_SAMPLES, TRACK_OUTPUTS, FrameSchedule, PlayoutTrack
+from webrtc_gateway.playout import FRAME_S, FRAME_SAMPLES, TRACK_OUTPUTS, FrameSchedule, Margin, PlayoutTrack
 
 PER_TURN = round(0.2 / FRAME_S)  # frames in one micro-turn of output
 
@@ -23,47 +23,39 @@ def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, track_
     Returns send times, output arrival times, when each output's sound was sent, and underrun frames, in simulated
     seconds."""
     rng = random.Random(seed)
-    schedule = FrameSchedule()
+    schedule = FrameSchedule(track_step_s)
+    margin = Margin()
     arrivals = [0.5 + 0.2 * k + rng.uniform(0, jitter_s) + (late or {}).get(k, 0.0)
                 for k in range(int(minutes * 60 / 0.2))]
     arrivals = [stall[0] + stall[1] if stall[0] <= t < stall[0] + stall[1] else t for t in arrivals]
     queue: deque[tuple[int, bool]] = deque()  # (output, silent) per buffered frame
     sounded = [0.0] * len(arrivals)
-    lateness: list[float] = []
-    queued: deque[int] = deque(maxlen=TRACK_OUTPUTS)
-    landed, now, speaking, missed, excess, underruns = 0, 0.0, False, 0, 0, 0
+    landed, now, speaking, missed, underruns = 0, 0.0, False, 0, 0
     sent: list[float] = []
     while landed < len(arrivals) or queue:  # until the last output has drained
         due = schedule.due(now)
-        at, restart, shift = due, False, 0.0
+        at, restart = due, False
         if not queue:
             limit = max(due, now) + tolerance_s if speaking else due
             if landed < len(arrivals) and arrivals[landed] <= limit:
                 arrival = max(now, arrivals[landed])
                 if not speaking:
                     at, restart = arrival, True
-                    lateness.clear()
                 else:
                     at = max(arrival, due)
-                    lateness.append(arrival - due)
-                    if len(lateness) == TRACK_OUTPUTS:
-                        shift = max(-track_step_s, min(track_step_s, sorted(lateness)[-2]))
-                        lateness.clear()
+                    schedule.landed(arrival - due)
             elif speaking:
                 at = limit
         now = max(now, at)
         if stall[0] <= now < stall[0] + stall[1]:
             now = stall[0] + stall[1]
         while landed < len(arrivals) and arrivals[landed] <= now:
-            queued.append(len(queue))
-            if len(queued) == TRACK_OUTPUTS:
-                excess = min(queued)
+            margin.landed(len(queue))
             queue.extend((landed, i > 0) for i in range(PER_TURN))
             landed, speaking = landed + 1, True
-        while excess and len(queue) >= 2 and queue[0][1]:
+        while margin.excess and len(queue) >= 2 and queue[0][1]:
             queue.popleft()
-            excess -= 1
-            queued.clear()
+            margin.won_back()
         if queue:
             output, silent = queue.popleft()
             missed = 0
@@ -72,7 +64,6 @@ def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, track_
         elif speaking:
             underruns, missed = underruns + 1, missed + 1
             speaking = missed < quiet_after
-        schedule.shift(shift)
         schedule.sent(now, restart)
         sent.append(now)
     return sent, arrivals, sounded, underruns

@@ -52,9 +52,11 @@ TRACK_OUTPUTS = 10  # outputs (2 s) the grid's phase is measured over before it 
 class FrameSchedule:
     """When each outgoing frame is due. Pure arithmetic, so pacing can be tested over hours of simulated time."""
 
-    def __init__(self) -> None:
+    def __init__(self, track_step: float = 0.010) -> None:
+        self.track_step = track_step
         self._anchor: float | None = None
         self._count = 0  # frames sent since the anchor
+        self._lateness: list[float] = []  # of the outputs since the grid last moved, against their frames' due times
 
     def due(self, now: float) -> float:
         """When the next frame is due (the first one is due at once)."""
@@ -62,10 +64,14 @@ class FrameSchedule:
             self._anchor = now
         return self._anchor + self._count * FRAME_S
 
-    def shift(self, by: float) -> None:
-        """Move the grid ``by`` seconds (earlier if negative)."""
-        if self._anchor is not None:
-            self._anchor += by
+    def landed(self, lateness: float) -> None:
+        """The output for the next frame landed ``lateness`` seconds after the frame was due (negative: before).
+        Every :data:`TRACK_OUTPUTS` outputs the grid moves, by at most ``track_step``, to where all but the latest of
+        them would have landed by their frames' due times."""
+        self._lateness.append(lateness)
+        if len(self._lateness) == TRACK_OUTPUTS and self._anchor is not None:
+            self._anchor += max(-self.track_step, min(self.track_step, sorted(self._lateness)[-2]))
+            self._lateness.clear()
 
     def sent(self, at: float, restart: bool = False) -> None:
         """A frame left at ``at``; ``restart`` starts the grid there (a talk spurt began). A sender behind its grid
@@ -73,7 +79,27 @@ class FrameSchedule:
         at ``at``."""
         if self._anchor is None or restart or at > self.due(at) + MAX_BEHIND * FRAME_S:
             self._anchor, self._count = at, 0
+            self._lateness.clear()
         self._count += 1
+
+
+class Margin:
+    """Whole frames that late output left queued behind an underrun: latency that absorbs the next late output, won
+    back once :data:`TRACK_OUTPUTS` outputs in a row landed with at least that much still queued."""
+
+    def __init__(self) -> None:
+        self.excess = 0  # frames to win back
+        self._queued: deque[int] = deque(maxlen=TRACK_OUTPUTS)  # whole frames still queued as each output landed
+
+    def landed(self, queued_frames: int) -> None:
+        self._queued.append(queued_frames)
+        if len(self._queued) == TRACK_OUTPUTS:
+            self.excess = min(self._queued)
+
+    def won_back(self) -> None:
+        """One frame of the excess was skipped."""
+        self.excess -= 1
+        self._queued.clear()
 
 
 class PlayoutTrack(MediaStreamTrack):
@@ -84,9 +110,8 @@ class PlayoutTrack(MediaStreamTrack):
     def __init__(self, max_buffer_s: float = 2.0, tolerance_s: float = 0.025, track_step_s: float = 0.010,
                  quiet_after: int = 5, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self.schedule = FrameSchedule()
+        self.schedule = FrameSchedule(track_step_s)
         self.tolerance = tolerance_s
-        self.track_step = track_step_s
         self.quiet_after = quiet_after
         self.frames_out = 0
         self.underrun_frames = 0  # silence sent while the model was speaking, because its output was late
@@ -94,15 +119,13 @@ class PlayoutTrack(MediaStreamTrack):
         self.skipped_frames = 0  # silent frames dropped to win back latency
         self.speaking = False  # output is flowing; cleared after quiet_after underruns or by stop_speaking()
         self._missed = 0  # consecutive underrun frames
-        self._queued: deque[int] = deque(maxlen=TRACK_OUTPUTS)  # whole frames still queued as each output landed
-        self._excess = 0  # frames of latency to win back
+        self._margin = Margin()
         self._clock = clock
         self._max = int(max_buffer_s * RATE)
         self._buffer = np.zeros(0, np.float32)
         self._interp = Interpolator()
         self._arrived = asyncio.Event()
         self._landed = 0.0  # when the last output landed
-        self._lateness: list[float] = []  # of the last outputs against their frames' due times (s)
         self._pts = 0
 
     @property
@@ -111,9 +134,7 @@ class PlayoutTrack(MediaStreamTrack):
 
     def push(self, audio_16k: np.ndarray) -> None:
         """Queue one micro-turn of model audio (16 kHz float)."""
-        self._queued.append(len(self._buffer) // FRAME_SAMPLES)
-        if len(self._queued) == TRACK_OUTPUTS:  # what every output of the last few found queued was not needed
-            self._excess = min(self._queued)
+        self._margin.landed(len(self._buffer) // FRAME_SAMPLES)
         self._buffer = np.concatenate([self._buffer, self._interp.process(audio_16k)])
         if len(self._buffer) > self._max:
             self.overrun_samples += len(self._buffer) - self._max
@@ -142,17 +163,15 @@ class PlayoutTrack(MediaStreamTrack):
                     await self._arrived.wait()
             if len(self._buffer) >= FRAME_SAMPLES and not was_speaking:  # a talk spurt starts with this output
                 at, restart = self._landed, True
-                self._lateness.clear()
             elif len(self._buffer) >= FRAME_SAMPLES:  # the next output: on the grid, or at once if it is late
                 at = max(self._landed, due)
-                self._track(self._landed - due)
+                self.schedule.landed(self._landed - due)
             elif was_speaking:  # none came in time: silence goes out (an underrun), and the grid stays
                 at = limit
         await asyncio.sleep(max(0.0, at - self._clock()))
-        while self._excess and len(self._buffer) >= 2 * FRAME_SAMPLES and _silent(self._buffer[:FRAME_SAMPLES]):
+        while self._margin.excess and len(self._buffer) >= 2 * FRAME_SAMPLES and _silent(self._buffer[:FRAME_SAMPLES]):
             self._buffer = self._buffer[FRAME_SAMPLES:]
-            self._excess -= 1
-            self._queued.clear()
+            self._margin.won_back()
             self.skipped_frames += 1
         if len(self._buffer) >= FRAME_SAMPLES:
             samples, self._buffer = self._buffer[:FRAME_SAMPLES], self._buffer[FRAME_SAMPLES:]
@@ -165,15 +184,6 @@ class PlayoutTrack(MediaStreamTrack):
                 self.speaking = self._missed < self.quiet_after
         self.schedule.sent(self._clock(), restart)
         return self._frame(samples)
-
-    def _track(self, lateness: float) -> None:
-        """Follow the output's phase: every :data:`TRACK_OUTPUTS` outputs, move the grid by up to ``track_step``
-        to where all but the latest of them would have landed by their frames' due times."""
-        self._lateness.append(lateness)
-        if len(self._lateness) == TRACK_OUTPUTS:
-            target = sorted(self._lateness)[-2]
-            self.schedule.shift(max(-self.track_step, min(self.track_step, target)))
-            self._lateness.clear()
 
     def _frame(self, samples: np.ndarray) -> av.AudioFrame:
         pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
