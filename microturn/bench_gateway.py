@@ -7,7 +7,8 @@ records the echo. The added latency of one impulse is its measured round trip at
 micro-turn alignment costs by design (see :mod:`microturn.client` for how received audio is placed in time). Each
 client's microphone is Opus-coded before the run, what comes back is decoded after it, and the load processes do not
 collect garbage while media flows: the clients' time goes to the network, and the measurement is the gateway's.
-Server counters come from its ``/metrics``; its CPU time from ``/proc``.
+Server counters come from its ``/metrics``; its CPU time (with ``--gateway-processes``, that of the front and
+of all its processes) from ``/proc``.
 """
 
 from __future__ import annotations
@@ -111,33 +112,51 @@ def _client_process(url: str, sessions: int, seconds: float, video: bool, seed: 
 
 
 def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) of process ``pid`` and of every process it started that still runs."""
+    ppids = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # it ended
+            ppids[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    tree = {pid}
+    while grown := {p for p, (parent, _) in ppids.items() if parent in tree and p not in tree}:
+        tree |= grown
+    return sum(ppids[p][1] for p in tree if p in ppids)
 
 
 def _metrics(url: str) -> dict[str, float]:
+    """The gateway's unlabelled counters and quantiles. Behind a front every sample also has a ``process`` label:
+    counters are summed over the processes, quantiles are the largest of them."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    values = {}
+    values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if not sample.labels:
-                values[sample.name] = sample.value
-            elif set(sample.labels) == {"quantile"}:
-                values[f"{sample.name}:{sample.labels['quantile']}"] = sample.value
+            labels = {k: v for k, v in sample.labels.items() if k != "process"}
+            if not labels:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            elif set(labels) == {"quantile"}:
+                key = f"{sample.name}:{labels['quantile']}"
+                values[key] = max(values.get(key, sample.value), sample.value)
     return values
 
 
 def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False, processes: int = 2,
-                  model: str = "echo", checkpoint: str | None = None) -> dict[str, Any]:
+                  model: str = "echo", checkpoint: str | None = None, gateway_processes: int = 1) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result. With a model other than echo there is no echo to time,
-    so ``added_latency_ms`` is empty and the engine's own step and wait times tell the story."""
+    so ``added_latency_ms`` is empty and the engine's own step and wait times tell the story. ``processes`` load
+    clients run against a gateway of ``gateway_processes`` processes (``microturn serve --processes``)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = serve(port, "--model", model, *(["--checkpoint", checkpoint] if checkpoint else []))
+    server = serve(port, "--model", model, "--processes", str(gateway_processes),
+                   *(["--checkpoint", checkpoint] if checkpoint else []))
     try:
-        print(f"bench: {sessions} sessions × {seconds:.0f} s against {url}", file=sys.stderr, flush=True)
+        print(f"bench: {sessions} sessions × {seconds:.0f} s against {url} ({gateway_processes} gateway "
+              f"process{'es' if gateway_processes > 1 else ''})", file=sys.stderr, flush=True)
         before = _metrics(url)
         cpu0 = _cpu_seconds(server.pid)
         processes = max(1, min(processes, sessions))
@@ -179,6 +198,7 @@ def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False,
         "impulses": int(added.size),
         "impulses_lost": sum(r["lost"] for r in results),
         "cpu_seconds_per_session_second": round(cpu / (sessions * seconds), 4),
+        "gateway_processes": gateway_processes,
         "model": model,
         "engine_tick_ms": ms("microturn_engine_tick_seconds"),
         "engine_wait_ms": ms("microturn_engine_wait_seconds"),

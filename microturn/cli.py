@@ -21,6 +21,7 @@ from microturn import logs
 def _serve(args: argparse.Namespace) -> int:
     from microturn.config import Settings
     from webrtc_gateway.app import run
+    from webrtc_gateway.front import run_front
 
     settings = Settings.from_env(
         host=args.host, port=args.port, model=args.model, checkpoint=args.checkpoint, device=args.device,
@@ -32,12 +33,16 @@ def _serve(args: argparse.Namespace) -> int:
         turn_urls=tuple(args.turn_urls.split(",")) if args.turn_urls else None, turn_secret=args.turn_secret,
         drain_timeout_s=args.drain_timeout, log_level=args.log_level, log_format=args.log_format,
         workers=tuple(args.workers.split(",")) if args.workers else None, worker_token=args.worker_token,
-        max_session_s=args.max_session_s,
+        max_session_s=args.max_session_s, max_sessions=args.max_sessions, processes=args.processes,
     )
+    if settings.processes < 1:
+        raise SystemExit(f"--processes must be at least 1, got {settings.processes}")
     logs.configure(settings.log_level, settings.log_format)
     where = f"workers {', '.join(settings.workers)}" if settings.workers else f"model {settings.model!r} in-process"
+    if settings.processes > 1:
+        where += f", in {settings.processes} gateway processes"
     print(f"microturn: serving {where} on http://{settings.host}:{settings.port}/", file=sys.stderr, flush=True)
-    asyncio.run(run(settings))
+    asyncio.run(run_front(settings) if settings.processes > 1 else run(settings))
     return 0
 
 
@@ -95,7 +100,8 @@ def _bench(args: argparse.Namespace) -> int:
         from microturn.bench_gateway import bench_gateway
 
         result = bench_gateway(sessions=args.sessions, seconds=args.seconds, video=args.video,
-                               processes=args.processes, model=args.model or "echo",
+                               processes=args.processes, gateway_processes=args.gateway_processes,
+                               model=args.model or "echo",
                                checkpoint=str(args.checkpoint) if args.checkpoint else None)
     else:
         from inference.bench_engine import bench_engine
@@ -181,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", help="comma-separated ws://HOST:PORT/v1/worker URLs of inference workers "
                        "(a name that resolves to several addresses is several workers); default: in-process engine")
     serve.add_argument("--worker-token", help="shared secret the workers expect (better: MICROTURN_WORKER_TOKEN)")
+    serve.add_argument("--max-sessions", type=int, help="sessions this gateway holds at most, in all (64)")
+    serve.add_argument("--processes", type=int, help="gateway processes behind the port, one event loop each; "
+                       "about one per core (1)")
     serve.add_argument("--log-level")
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.set_defaults(func=_serve)
@@ -223,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=20.0)
     bench.add_argument("--video", action="store_true", help="gateway: clients also send video")
     bench.add_argument("--processes", type=int, default=2, help="gateway: load-client processes")
+    bench.add_argument("--gateway-processes", type=int, default=1,
+                       help="gateway: processes of the gateway under test (its serve --processes)")
     bench.add_argument("--model", help="gateway: the model the gateway serves (echo); cluster: the workers' (echo); "
                        "background: reference "
                        "(random tiny weights, the default) or echo")

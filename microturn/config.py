@@ -35,7 +35,9 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # browser Origins allowed to call the API; empty: same origin only
     api_keys: tuple[str, ...] = ()  # keys that may create sessions (integrators' backends); empty: dev mode, open
     drain_timeout_s: float = 600.0  # on SIGTERM, how long live sessions may go on before being told to move
-    max_sessions: int = 64
+    max_sessions: int = 64  # in all: with ``processes`` > 1, each process takes its share
+    processes: int = 1  # gateway processes behind this port (one event loop each); see webrtc_gateway/front.py
+    process_index: int = 0  # which of them this is (set by the front; it decides the ids of sessions made here)
     max_sdp_bytes: int = 32_768
     max_message_bytes: int = 4_096  # largest data-channel message accepted
     max_text_chars: int = 2_000

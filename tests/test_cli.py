@@ -55,10 +55,12 @@ def test_probe_reports_an_unreachable_gateway(tmp_path: Path, speech_wav: Path) 
     assert "ClientConnectorError" in json.loads(run.stdout.strip().splitlines()[-1])["errors"][0]
 
 
-def test_bench_gateway_reports_every_field() -> None:
-    result = bench_gateway(sessions=2, seconds=4, processes=1)
+@pytest.mark.parametrize("gateway_processes", [1, 2])
+def test_bench_gateway_reports_every_field(gateway_processes: int) -> None:
+    result = bench_gateway(sessions=2, seconds=4, processes=1, gateway_processes=gateway_processes)
     assert set(result) >= {"sessions", "seconds", "micro_turns", "late_micro_turns", "underrun_frames",
                            "frames_out", "added_latency_ms", "cpu_seconds_per_session_second"}
+    assert result["gateway_processes"] == gateway_processes
     assert result["errors"] == []
     assert result["micro_turns"] >= 2 * 15
     assert result["frames_out"] * FRAME_S >= 2 * 3.0

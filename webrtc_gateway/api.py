@@ -50,6 +50,11 @@ SETTINGS = web.AppKey("settings", Settings)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def body_limit(settings: Settings) -> int:
+    """The largest request body the gateway reads: its SDP limit, and at least 64 KiB."""
+    return max(settings.max_sdp_bytes, 65536)
+
+
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 

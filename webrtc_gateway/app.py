@@ -3,7 +3,8 @@
 Process layout (all in one process in the embedded default): the aiohttp event loop runs signalling, the data
 channels and aiortc's media I/O; aiortc decodes audio in its own decoder threads; the engine steps the model in its
 own tick thread (:mod:`inference.engine`). With ``--workers`` the model runs in ``microturn worker`` processes
-instead, reached over WebSockets (:mod:`webrtc_gateway.workers`). Handlers only enqueue. Resources are opened in
+instead, reached over WebSockets (:mod:`webrtc_gateway.workers`). With ``--processes N``, N such gateways run
+behind one port (:mod:`webrtc_gateway.front`). Handlers only enqueue. Resources are opened in
 ``cleanup_ctx`` and closed in reverse order; live peers are closed first on shutdown.
 """
 
@@ -122,20 +123,21 @@ async def _close_peers(app: web.Application) -> None:
     await app[api.GATEWAY].close_all()
 
 
-async def run(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain (see :meth:`Gateway.drain`) and shut down."""
+async def run(settings: Settings, path: str | None = None) -> None:
+    """Serve (on ``settings``' host and port, or on the Unix socket ``path``) until SIGTERM or SIGINT, then drain
+    (see :meth:`Gateway.drain`) and shut down."""
 
     async def drain(app: web.Application) -> None:
         await app[api.GATEWAY].drain(settings.drain_timeout_s)
 
-    await serve_until_signalled(create_app(settings), settings.host, settings.port, drain)
+    await serve_until_signalled(create_app(settings), settings.host, settings.port, drain, path)
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application for ``settings``."""
     turn.check_settings(settings)  # TURN URLs without the secret that signs their credentials: refuse to start
     use_host_addresses(settings.ice_host_addresses)
-    app = web.Application(middlewares=[api.origin_and_errors], client_max_size=max(settings.max_sdp_bytes, 65536))
+    app = web.Application(middlewares=[api.origin_and_errors], client_max_size=api.body_limit(settings))
     app[api.SETTINGS] = settings
     app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(WEB_ROOT / "templates"),
                                         autoescape=True)

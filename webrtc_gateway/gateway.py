@@ -21,6 +21,7 @@ from microturn.contracts import MICRO_TURN_MS, MicroTurnEngine, SessionRecord
 from microturn.histogram import SECONDS_BUCKETS, Histogram
 from webrtc_gateway.background import SessionBackground
 from webrtc_gateway.conversation_log import ConversationLog
+from webrtc_gateway.routing import new_session_id
 from webrtc_gateway.session import GatewaySession, ResumePlan
 from webrtc_gateway.store import SessionStore
 from webrtc_gateway.tokens import TokenError, TokenSigner
@@ -122,7 +123,8 @@ class Gateway:
         """Make a new session; returns its record and tokens."""
         self._check_room()
         now = time.time()
-        record = SessionRecord(session_id=secrets.token_hex(16), owner=self.settings.gateway_id,
+        sid = new_session_id(self.settings.process_index, self.settings.processes)
+        record = SessionRecord(session_id=sid, owner=self.settings.gateway_id,
                                model=self.settings.model, created=now, last_seen=now, micro_turn=-1,
                                seed=secrets.randbits(31))
         grant = self._grant(record)
