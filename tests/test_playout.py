@@ -9,7 +9,16 @@ from collections import deque
 import numpy as np
 import pytest
 
-from webrtc_gateway.playout import FRAME_S, FRAME_SAMPLES, TRACK_OUTPUTS, FrameSchedule, Margin, PlayoutTrack
+from webrtc_gateway.playout import (
+    FRAME_S,
+    FRAME_SAMPLES,
+    QUICK_OUTPUTS,
+    RECUR_OUTPUTS,
+    TRACK_OUTPUTS,
+    FrameSchedule,
+    Margin,
+    PlayoutTrack,
+)
 
 PER_TURN = round(0.2 / FRAME_S)  # frames in one micro-turn of output
 
@@ -63,6 +72,7 @@ def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, track_
                 sounded[output] = now
         elif speaking:
             underruns, missed = underruns + 1, missed + 1
+            margin.underrun()
             speaking = missed < quiet_after
         schedule.sent(now, restart)
         sent.append(now)
@@ -98,9 +108,46 @@ def test_late_output_leaves_the_grid_with_the_output() -> None:
     assert underruns >= 1
     lag = np.subtract(sounded, arrivals)
     assert lag[:100].max() <= 0.005 + 1e-9
-    # the frames it was late by stay queued as a margin while outputs keep needing it, then are won back
+    # the frames it was late by stay queued as a margin for a few outputs; late output did not recur, so they are
+    # won back then
     assert lag[101] > 0.030
-    assert lag[101 + TRACK_OUTPUTS + 1:].max() <= 0.005 + 1e-9  # and the grid did not move late with it
+    assert lag[101 + QUICK_OUTPUTS + 1:].max() <= 0.005 + 1e-9  # and the grid did not move late with it
+
+
+def test_late_output_that_recurs_keeps_its_margin_longer() -> None:
+    # outputs 100 and 110 land 70 ms late: the second underrun follows the first within RECUR_OUTPUTS, so the margin
+    # it leaves is kept for TRACK_OUTPUTS outputs, and absorbs output 115, late as much, without an underrun
+    assert RECUR_OUTPUTS > 110 - 100
+    _, arrivals, sounded, underruns = simulate(minutes=1, jitter_s=0.005, late={100: 0.070, 110: 0.070})
+    _, _, _, underruns_3 = simulate(minutes=1, jitter_s=0.005, late={100: 0.070, 110: 0.070, 115: 0.070})
+    assert underruns_3 == underruns
+    lag = np.subtract(sounded, arrivals)
+    assert lag[104:110].max() <= 0.005 + 1e-9  # the first was isolated: won back after QUICK_OUTPUTS
+    assert lag[111:111 + TRACK_OUTPUTS - 1].min() > 0.030  # the second: kept
+    assert lag[111 + TRACK_OUTPUTS + 1:].max() <= 0.005 + 1e-9  # then won back
+
+
+def test_margin_hold_depends_on_whether_underruns_recur() -> None:
+    margin = Margin()
+    margin.underrun()  # the first underrun: isolated
+    for _ in range(QUICK_OUTPUTS):
+        margin.landed(2)
+    assert margin.excess == 2
+    margin.won_back(), margin.won_back()
+    margin.underrun()  # within RECUR_OUTPUTS outputs of the first
+    margin.underrun()  # the same underrun (no output between): does not count again
+    for _ in range(TRACK_OUTPUTS - 1):
+        margin.landed(1)
+    assert margin.excess == 0  # kept: late output recurs
+    margin.landed(1)
+    assert margin.excess == 1
+    margin.won_back()
+    for _ in range(RECUR_OUTPUTS):
+        margin.landed(0)
+    margin.underrun()  # long after the one before: isolated again
+    for _ in range(QUICK_OUTPUTS):
+        margin.landed(1)
+    assert margin.excess == 1
 
 
 def test_a_talk_spurt_that_started_late_does_not_keep_later_output_waiting() -> None:
@@ -159,8 +206,8 @@ async def test_latency_added_by_late_output_is_won_back_in_silence() -> None:
     # lands while whole micro-turns are still queued, as did each of the outputs before it but the first
     track.push(np.concatenate([silence[:2560], speech[:640]]))
     sent = [np.abs((await track.recv()).to_ndarray()).mean() / 32767 for _ in range(TRACK_OUTPUTS * PER_TURN + 2)]
-    # 5 frames of excess; of the new output's 4 silent frames the first rings with the end of the speech through
-    # the resampling filter, so the other 3 are skipped
+    # frames of excess to win back; of the new output's 4 silent frames the first rings with the end of the speech
+    # through the resampling filter, so the other 3 are skipped
     assert track.skipped_frames == 3
     assert sent[:-2] == pytest.approx([0.3] * (len(sent) - 2), abs=0.05)  # speech is never skipped
     assert sent[-2] < 0.05

@@ -167,11 +167,12 @@ class Front:
     def for_session(self, session_id: str) -> GatewayProcess:
         return self.processes[process_of(session_id, len(self.processes))]
 
-    def least_loaded(self) -> GatewayProcess:
+    def least_loaded(self, new_session: bool) -> GatewayProcess:
         """The ready process with the fewest sessions (else any that runs; it answers why it cannot take one)."""
         ready = [p for p in self.processes if p.alive and p.state == "ready"] or [p for p in self.processes if p.alive]
         chosen = min(ready or self.processes, key=lambda p: p.sessions)
-        chosen.sessions += 1  # until the next poll, so that a burst of new sessions spreads out
+        if new_session:
+            chosen.sessions += 1  # until the next poll, so that a burst of new sessions spreads out
         return chosen
 
     async def drain(self) -> None:
@@ -231,9 +232,10 @@ async def to_any(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     front = request.app[FRONT]
-    if front.draining and (request.path == "/v1/sessions" or not any(p.alive for p in front.processes)):
+    new_session = request.method == "POST" and request.path == "/v1/sessions"
+    if front.draining and (new_session or not any(p.alive for p in front.processes)):
         return _draining()
-    return await front.least_loaded().forward(request, body)
+    return await front.least_loaded(new_session).forward(request, body)
 
 
 async def livez(request: web.Request) -> web.Response:

@@ -18,8 +18,10 @@ micro-turn, paced by the browser's own audio clock, and the grid follows its pha
   dropping their slots, up to :data:`MAX_BEHIND` frames.
 
 Latency that late output added to the model's audio (its frames queued behind an underrun) is kept while it is of
-use: it is the margin that absorbs the next late output. Once each of the last :data:`TRACK_OUTPUTS` outputs landed
-with at least one whole frame still queued, that many frames are won back by skipping near-silent ones.
+use: it is the margin that absorbs the next late output. Like a jitter buffer's peak detector, how long it is kept
+depends on whether late output recurs. After an isolated underrun, :data:`QUICK_OUTPUTS` outputs in a row that land
+with a whole frame still queued win it back; after one that follows another within :data:`RECUR_OUTPUTS` outputs,
+:data:`TRACK_OUTPUTS` do. Frames are won back by skipping near-silent ones.
 
 Why 40 ms and not WebRTC's usual 20: each frame becomes one RTP packet, and the gateway's cost is mostly per packet
 (encryption, a system call, aiortc's Python around them), so 40 ms halves it. It costs no latency: the model's
@@ -46,7 +48,9 @@ FRAME_SAMPLES = 1920  # 40 ms: one Opus packet
 FRAME_S = FRAME_SAMPLES / RATE
 TIME_BASE = fractions.Fraction(1, RATE)
 MAX_BEHIND = 2  # frames a stalled sender sends back to back to get back on its grid; further behind, it restarts
-TRACK_OUTPUTS = 10  # outputs (2 s) the grid's phase is measured over before it moves
+TRACK_OUTPUTS = 10  # outputs (2 s) the grid's phase is measured over before it moves; margin kept if late output recurs
+QUICK_OUTPUTS = 3  # outputs (0.6 s) the margin an isolated underrun left is kept
+RECUR_OUTPUTS = 50  # an underrun within this many outputs (10 s) of the one before: late output recurs
 
 
 class FrameSchedule:
@@ -85,16 +89,30 @@ class FrameSchedule:
 
 class Margin:
     """Whole frames that late output left queued behind an underrun: latency that absorbs the next late output, won
-    back once :data:`TRACK_OUTPUTS` outputs in a row landed with at least that much still queued."""
+    back once enough outputs in a row (:data:`QUICK_OUTPUTS`, or :data:`TRACK_OUTPUTS` while underruns recur) landed
+    with at least that much still queued."""
 
     def __init__(self) -> None:
         self.excess = 0  # frames to win back
         self._queued: deque[int] = deque(maxlen=TRACK_OUTPUTS)  # whole frames still queued as each output landed
+        self._hold = QUICK_OUTPUTS  # how many of them must have had it
+        self._since_underrun: int | None = None  # outputs since the last underrun (None: none yet)
 
     def landed(self, queued_frames: int) -> None:
         self._queued.append(queued_frames)
-        if len(self._queued) == TRACK_OUTPUTS:
-            self.excess = min(self._queued)
+        if self._since_underrun is not None:
+            self._since_underrun += 1
+        if len(self._queued) >= self._hold:
+            self.excess = min(list(self._queued)[-self._hold:])
+
+    def underrun(self) -> None:
+        """A frame went out as silence while output was expected. The frames after it with no output landing in
+        between belong to the same underrun."""
+        if self._since_underrun == 0:
+            return
+        recurs = self._since_underrun is not None and self._since_underrun < RECUR_OUTPUTS
+        self._hold = TRACK_OUTPUTS if recurs else QUICK_OUTPUTS
+        self._since_underrun = 0
 
     def won_back(self) -> None:
         """One frame of the excess was skipped."""
@@ -180,6 +198,7 @@ class PlayoutTrack(MediaStreamTrack):
             samples = np.zeros(FRAME_SAMPLES, np.float32)
             if self.speaking:
                 self.underrun_frames += 1
+                self._margin.underrun()
                 self._missed += 1
                 self.speaking = self._missed < self.quiet_after
         self.schedule.sent(self._clock(), restart)
