@@ -257,22 +257,18 @@ class ReferenceModel:
         return [s.text_backlog.popleft() for _ in range(min(self.cfg.text_in, len(s.text_backlog)))]
 
     def _video(self, turns: list[MicroTurn]) -> list[torch.Tensor | None]:
-        """Each micro-turn's video slots through the patch stem, (video_slots, d) fp16; None without a camera."""
-        picked = [b for b, t in enumerate(turns) if t.video is not None]
+        """Each micro-turn's video slots through the patch stem, (video_slots, d) fp16; None without a camera.
+
+        One micro-turn at a time: the features go into the session's context record, and must not depend on which
+        sessions shared the step (a matmul's kernel, and so the order it sums in, can change with the batch's
+        size; on some CPUs that flips the last fp16 bit)."""
         out: list[torch.Tensor | None] = [None] * len(turns)
-        if not picked:
-            return out
-        patches, grids = [], []
-        for b in picked:
-            video = turns[b].video
-            assert video is not None
-            frame = fit_frame(video, self.cfg.video_height, self.cfg.video_width)
-            pixels, places = patches_at(frame, self.layout.video_patches(turns[b].index, self.cfg.patches).tolist())
-            patches.append(pixels)
-            grids.append(places)
-        features = self.net.stem(torch.cat(patches).to(self.device), torch.cat(grids).to(self.device))
-        for b, f in zip(picked, features.half().cpu().split(self.cfg.video_slots), strict=True):
-            out[b] = f
+        for b, turn in enumerate(turns):
+            if turn.video is None:
+                continue
+            frame = fit_frame(turn.video, self.cfg.video_height, self.cfg.video_width)
+            pixels, places = patches_at(frame, self.layout.video_patches(turn.index, self.cfg.patches).tolist())
+            out[b] = self.net.stem(pixels.to(self.device), places.to(self.device)).half().cpu()
         return out
 
     def _vocode(self, sessions: list[Session], mel: torch.Tensor, talkers: list[int]) -> list[np.ndarray]:
