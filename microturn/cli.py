@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout, log_level=args.log_level, log_format=args.log_format,
         workers=tuple(args.workers.split(",")) if args.workers else None, worker_token=args.worker_token,
         max_session_s=args.max_session_s, max_sessions=args.max_sessions, processes=args.processes,
+        advertise_url=args.advertise_url,
     )
     if settings.processes < 1:
         raise SystemExit(f"--processes must be at least 1, got {settings.processes}")
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", help="comma-separated ws://HOST:PORT/v1/worker URLs of inference workers "
                        "(a name that resolves to several addresses is several workers); default: in-process engine")
     serve.add_argument("--worker-token", help="shared secret the workers expect (better: MICROTURN_WORKER_TOKEN)")
+    serve.add_argument("--advertise-url", help="this gateway's HTTP API as the other gateways of a fleet reach it "
+                       "(http://POD_IP:8080); with --redis, a session call landing elsewhere is passed on here")
     serve.add_argument("--max-sessions", type=int, help="sessions this gateway holds at most, in all (64)")
     serve.add_argument("--processes", type=int, help="gateway processes behind the port, one event loop each; "
                        "about one per core (1)")

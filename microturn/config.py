@@ -27,6 +27,9 @@ class Settings:
     device: str = "cpu"
     redis: str | None = None  # redis://host:port/db; None keeps session records in memory
     gateway_id: str = field(default_factory=lambda: "gw-" + secrets.token_hex(4))
+    # this gateway's HTTP API as the other gateways of a fleet reach it (http://POD_IP:8080): a session call that lands
+    # on a gateway that does not hold the session is passed on to the one that does; None: answered here (404)
+    advertise_url: str | None = None
     token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # HMAC key for session tokens
     token_ttl_s: int = 600  # how long a session token may be used to connect
     resume_ttl_s: int = 3600  # how long a resume token stays valid (it is also replaced at every resume)

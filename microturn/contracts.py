@@ -110,6 +110,7 @@ class SessionRecord:
     config: dict[str, Any] = field(default_factory=dict)
     resume_hash: str = ""  # SHA-256 of the one resume token that may move the session now
     seed: int = 0  # the model's per-session seed: a rebuilt session samples as the original did
+    owner_url: str = ""  # where other gateways reach the owner's HTTP API (Settings.advertise_url; "" if not set)
 
 
 class ModelBackend(Protocol):

@@ -22,7 +22,8 @@ from webrtc_gateway.store import MemorySessionStore, RedisSessionStore, StoreUna
 
 def record(sid: str = "abc") -> SessionRecord:
     return SessionRecord(session_id=sid, owner="gw-1", model="echo", created=1.0, last_seen=2.0, micro_turn=7,
-                         state="connected", config={"voice": "x", "n": 3})
+                         state="connected", config={"voice": "x", "n": 3}, resume_hash="h1",
+                         owner_url="http://10.0.0.1:8080")
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
@@ -32,6 +33,11 @@ async def test_put_get_delete(kind: str, redis_url: str) -> None:
         await store.put(record())
         assert await store.get("abc") == record()
         assert await store.get("missing") is None
+        assert not await store.claim("abc", "wrong", "h2", "gw-2", "http://10.0.0.2:8080")
+        assert await store.claim("abc", "h1", "h2", "gw-2", "http://10.0.0.2:8080")  # a resume moves it
+        moved = await store.get("abc")
+        assert moved is not None and (moved.owner, moved.owner_url, moved.resume_hash) == (
+            "gw-2", "http://10.0.0.2:8080", "h2")
         await store.delete("abc")
         assert await store.get("abc") is None
     finally:

@@ -13,8 +13,10 @@
 ``GET /metrics``                            Prometheus text format
 ==========================================  =====================================================================
 
-Errors are JSON ``{"error": {"code": "...", "message": "..."}}`` with a 4xx/5xx status. Browser calls carry an
-``Origin``; one that is neither this gateway's own nor in ``allowed_origins`` is refused with 403.
+A call of one session that lands on a gateway of the fleet other than the one holding it is passed on there
+(:func:`at_owner`). Errors are JSON ``{"error": {"code": "...", "message": "..."}}`` with a 4xx/5xx status.
+Browser calls carry an ``Origin``; one that is neither this gateway's own nor in ``allowed_origins`` is refused
+with 403.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from inference.background.runner import TooManyTasks
 from microturn.config import Settings
 from webrtc_gateway import turn
 from webrtc_gateway.background import MAX_REQUEST_CHARS, TaskFinished, UnknownTask
+from webrtc_gateway.forward import FORWARDED_BY, forward, read_body
 from webrtc_gateway.gateway import (
     AlreadyConnected,
     Draining,
@@ -46,6 +50,7 @@ from webrtc_gateway.workers import RemoteEngine, WorkerUnavailable
 
 GATEWAY = web.AppKey("gateway", Gateway)
 SETTINGS = web.AppKey("settings", Settings)
+FLEET_HTTP = web.AppKey("fleet_http", aiohttp.ClientSession)  # for calls passed on to other gateways
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -164,6 +169,31 @@ def _check_key_or_token(request: web.Request, session_id: str) -> None:
     _check_token(request, session_id)
 
 
+def at_owner(handler: Handler) -> Handler:
+    """A call of a session this gateway does not hold goes to the gateway that does, when the fleet's gateways
+    advertise where they are (``advertise_url``) and the session's record names another. A call passed on once is
+    answered where it lands."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        gateway, settings = request.app[GATEWAY], request.app[SETTINGS]
+        session_id = request.match_info["session_id"]
+        if (session_id in gateway.pending or session_id in gateway.live or not settings.advertise_url
+                or FORWARDED_BY in request.headers):
+            return await handler(request)
+        record = await gateway.store.get(session_id)
+        if record is None or not record.owner_url or record.owner_url == settings.advertise_url:
+            return await handler(request)
+        body = await read_body(request, body_limit(settings))
+        if body is None:
+            return error(413, "too_large", f"request body is larger than {body_limit(settings)} bytes")
+        try:
+            return await forward(request.app[FLEET_HTTP], record.owner_url, request, body, by=settings.gateway_id)
+        except (TimeoutError, aiohttp.ClientError):
+            return error(503, "owner_unavailable", "the gateway that holds this session does not answer; resume "
+                         "the session", {"Retry-After": "1"})
+    return wrapped
+
+
 def _live_session(request: web.Request, session_id: str) -> GatewaySession:
     session = request.app[GATEWAY].live.get(session_id)
     if session is None:
@@ -171,6 +201,7 @@ def _live_session(request: web.Request, session_id: str) -> GatewaySession:
     return session
 
 
+@at_owner
 @refusals
 async def start_task(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
@@ -187,6 +218,7 @@ async def start_task(request: web.Request) -> web.Response:
     return web.json_response(task.public(), status=201)
 
 
+@at_owner
 @refusals
 async def list_tasks(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
@@ -195,6 +227,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     return web.json_response({"tasks": [t.public() for t in session.background.tasks.values()]})
 
 
+@at_owner
 @refusals
 async def cancel_task(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
@@ -260,6 +293,7 @@ async def resume_session(request: web.Request) -> web.Response:
     return _grant_response(request, grant, 200)
 
 
+@at_owner
 @refusals
 async def offer(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
@@ -279,6 +313,7 @@ async def offer(request: web.Request) -> web.Response:
     return web.json_response({"type": "answer", "sdp": answer})
 
 
+@at_owner
 @refusals
 async def session_state(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
@@ -306,6 +341,7 @@ async def session_state(request: web.Request) -> web.Response:
     })
 
 
+@at_owner
 @refusals
 async def delete_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]

@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import jinja2
 from aiohttp import web
 
@@ -98,6 +99,12 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.stop()
 
 
+async def _fleet_http_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_connect=5, sock_read=60)) as http:
+        app[api.FLEET_HTTP] = http
+        yield
+
+
 async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[api.SETTINGS]
     store = app[STORE]
@@ -141,7 +148,7 @@ def create_app(settings: Settings) -> web.Application:
     app[api.SETTINGS] = settings
     app[TEMPLATES] = jinja2.Environment(loader=jinja2.FileSystemLoader(WEB_ROOT / "templates"),
                                         autoescape=True)
-    app.cleanup_ctx.extend([_store_ctx, _engine_ctx, _gateway_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _engine_ctx, _gateway_ctx, _fleet_http_ctx])
     app.on_shutdown.append(_close_peers)
     api.add_routes(app)
     app.router.add_get("/", demo_page)

@@ -35,27 +35,23 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
-from yarl import URL
 
 from microturn import logs
 from microturn.config import Settings
 from microturn.service import serve_until_signalled
 from webrtc_gateway import app as gateway_app
 from webrtc_gateway.api import SETTINGS, body_limit, error
+from webrtc_gateway.forward import forward, read_body
 from webrtc_gateway.routing import process_of
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often the front asks each process for its state and load
 START_TIMEOUT_S = 120.0  # a process that does not answer within this at start-up stops the front
-# headers that belong to one connection, not to the request or response passed on
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "content-length"})
 STATES = ("ready", "draining", "no_worker", "starting", "down")
 
 
@@ -100,14 +96,8 @@ class GatewayProcess:
 
     async def forward(self, request: web.Request, body: bytes) -> web.Response:
         """Pass ``request`` (its ``body`` already read) to this process; its answer, as it gave it."""
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
-        headers.add("X-Forwarded-For", request.remote or "")
         try:
-            async with self.http.request(request.method, URL("http://microturn" + request.raw_path, encoded=True),
-                                         headers=headers, data=body, allow_redirects=False) as resp:
-                payload = await resp.read()
-                answer = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP)
-                return web.Response(status=resp.status, body=payload, headers=answer)
+            return await forward(self.http, "http://microturn", request, body)
         except (TimeoutError, aiohttp.ClientError):
             log.warning("gateway process %d did not answer %s %s", self.index, request.method, request.path)
             return error(503, "process_unavailable", "the gateway process for this request is restarting; retry",
@@ -202,12 +192,8 @@ FRONT = web.AppKey("front", Front)
 
 async def _read_body(request: web.Request) -> bytes | web.Response:
     limit = body_limit(request.app[SETTINGS])
-    if request.content_length is not None and request.content_length > limit:
-        return error(413, "too_large", f"request body is larger than {limit} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, "too_large", f"request body is larger than {limit} bytes")
+    body = await read_body(request, limit)
+    return error(413, "too_large", f"request body is larger than {limit} bytes") if body is None else body
 
 
 def _draining() -> web.Response:

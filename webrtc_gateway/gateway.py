@@ -124,9 +124,9 @@ class Gateway:
         self._check_room()
         now = time.time()
         sid = new_session_id(self.settings.process_index, self.settings.processes)
-        record = SessionRecord(session_id=sid, owner=self.settings.gateway_id,
-                               model=self.settings.model, created=now, last_seen=now, micro_turn=-1,
-                               seed=secrets.randbits(31))
+        record = SessionRecord(session_id=sid, owner=self.settings.gateway_id, model=self.settings.model, created=now,
+                               last_seen=now, micro_turn=-1, seed=secrets.randbits(31),
+                               owner_url=self.settings.advertise_url or "")
         grant = self._grant(record)
         await self.store.put(record)
         self.pending[record.session_id] = Pending()
@@ -144,7 +144,7 @@ class Gateway:
             raise UnknownSession("no such session (it ended or expired)")
         grant = self._grant(record)
         if not await self.store.claim(session_id, token_hash(resume_token), record.resume_hash,
-                                      self.settings.gateway_id):
+                                      self.settings.gateway_id, self.settings.advertise_url or ""):
             raise ResumeRefused("this resume token was already used or replaced")
         here = self.live.get(session_id)
         if here is not None:  # resumed on the gateway that has it (the browser lost its connection)

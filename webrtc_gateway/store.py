@@ -75,8 +75,9 @@ class SessionStore(Protocol):
 
     async def messages_after(self, session_id: str, turn: int) -> list[dict[str, Any]]: ...
 
-    async def claim(self, session_id: str, old_hash: str, new_hash: str, owner: str) -> bool:
-        """Atomically make ``owner`` the owner if the record's resume-token hash is ``old_hash``; rotate it."""
+    async def claim(self, session_id: str, old_hash: str, new_hash: str, owner: str, owner_url: str = "") -> bool:
+        """Atomically make ``owner`` (reached at ``owner_url``) the owner if the record's resume-token hash is
+        ``old_hash``; rotate it."""
         ...
 
     async def put_task(self, task: Task) -> None: ...
@@ -140,11 +141,11 @@ class MemorySessionStore:
     async def messages_after(self, session_id: str, turn: int) -> list[dict[str, Any]]:
         return [m for t, m in self._messages.get(session_id, []) if t > turn]
 
-    async def claim(self, session_id: str, old_hash: str, new_hash: str, owner: str) -> bool:
+    async def claim(self, session_id: str, old_hash: str, new_hash: str, owner: str, owner_url: str = "") -> bool:
         record = self._records.get(session_id)
         if record is None or record.resume_hash != old_hash:
             return False
-        record.owner, record.resume_hash = owner, new_hash
+        record.owner, record.owner_url, record.resume_hash = owner, owner_url, new_hash
         return True
 
     async def put_task(self, task: Task) -> None:
@@ -222,10 +223,10 @@ for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 return 1
 """
 
-# KEYS: record. ARGV: old hash, new hash, owner, now.
+# KEYS: record. ARGV: old hash, new hash, owner, now, owner URL.
 _CLAIM = """
 if redis.call('HGET', KEYS[1], 'resume_hash') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'resume_hash', ARGV[2], 'owner', ARGV[3], 'last_seen', ARGV[4])
+redis.call('HSET', KEYS[1], 'resume_hash', ARGV[2], 'owner', ARGV[3], 'last_seen', ARGV[4], 'owner_url', ARGV[5])
 return 1
 """
 
@@ -260,7 +261,8 @@ class RedisSessionStore:
             return None
         f = {_text(k): _text(v) for k, v in raw.items()}
         return SessionRecord(
-            session_id=f["session_id"], owner=f["owner"], model=f["model"], created=float(f["created"]),
+            session_id=f["session_id"], owner=f["owner"], owner_url=f.get("owner_url", ""), model=f["model"],
+            created=float(f["created"]),
             last_seen=float(f["last_seen"]), micro_turn=int(f["micro_turn"]), state=f["state"],
             config=json.loads(f["config"]), resume_hash=f.get("resume_hash", ""), seed=int(f.get("seed", 0)),
         )
@@ -305,10 +307,10 @@ class RedisSessionStore:
             raise StoreUnavailable(str(exc)) from exc
         return [json.loads(fields[b"msg"]) for _, fields in entries if int(fields[b"turn"]) > turn]
 
-    async def claim(self, session_id: str, old_hash: str, new_hash: str, owner: str) -> bool:
+    async def claim(self, session_id: str, old_hash: str, new_hash: str, owner: str, owner_url: str = "") -> bool:
         try:
             return bool(await self._claim(keys=[record_key(session_id)],
-                                          args=[old_hash, new_hash, owner, str(time.time())]))
+                                          args=[old_hash, new_hash, owner, str(time.time()), owner_url]))
         except aioredis.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
