@@ -113,7 +113,7 @@ def _client_process(url: str, sessions: int, seconds: float, video: bool, seed: 
 
 def _cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of process ``pid`` and of every process it started that still runs."""
-    ppids = {}
+    ppids, tick = {}, os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -121,7 +121,7 @@ def _cpu_seconds(pid: int) -> float:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue  # it ended
-            ppids[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+            ppids[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
     tree = {pid}
     while grown := {p for p, (parent, _) in ppids.items() if parent in tree and p not in tree}:
         tree |= grown

@@ -21,6 +21,7 @@ with 403.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,7 @@ from inference.background.runner import TooManyTasks
 from microturn.config import Settings
 from webrtc_gateway import turn
 from webrtc_gateway.background import MAX_REQUEST_CHARS, TaskFinished, UnknownTask
-from webrtc_gateway.forward import FORWARDED_BY, forward, read_body
+from webrtc_gateway.forward import FORWARDED_BY, forward
 from webrtc_gateway.gateway import (
     AlreadyConnected,
     Draining,
@@ -123,6 +124,16 @@ async def _json_body(request: web.Request, max_bytes: int) -> dict[str, Any]:
     return body
 
 
+async def whole_body(request: web.Request) -> bytes | web.Response:
+    """The request's body as it came, to pass on to another gateway; a 413 answer when it is larger than a gateway
+    reads (:func:`body_limit`)."""
+    limit = body_limit(request.app[SETTINGS])
+    if request.content_length is None or request.content_length <= limit:
+        with contextlib.suppress(web.HTTPRequestEntityTooLarge):
+            return await request.read()
+    return error(413, "too_large", f"request body is larger than {limit} bytes")
+
+
 class _Refused(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -183,9 +194,9 @@ def at_owner(handler: Handler) -> Handler:
         record = await gateway.store.get(session_id)
         if record is None or not record.owner_url or record.owner_url == settings.advertise_url:
             return await handler(request)
-        body = await read_body(request, body_limit(settings))
-        if body is None:
-            return error(413, "too_large", f"request body is larger than {body_limit(settings)} bytes")
+        body = await whole_body(request)
+        if isinstance(body, web.Response):
+            return body
         try:
             return await forward(request.app[FLEET_HTTP], record.owner_url, request, body, by=settings.gateway_id)
         except (TimeoutError, aiohttp.ClientError):

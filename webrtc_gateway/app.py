@@ -71,9 +71,7 @@ async def widget_file(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics_page(request: web.Request) -> web.Response:
-    registry = metrics.registry_for(request.app[api.GATEWAY])
-    return web.Response(body=metrics.render(registry), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return metrics.page(metrics.registry_for(request.app[api.GATEWAY]))
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -17,16 +17,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 FORWARDED_BY = "X-Microturn-Forwarded-By"  # the gateway that passed the request on: it is not passed on again
 
 
-async def read_body(request: web.Request, limit: int) -> bytes | None:
-    """The request's body; None when it is larger than ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return None
-
-
 async def forward(http: aiohttp.ClientSession, base_url: str, request: web.Request, body: bytes,
                   by: str | None = None) -> web.Response:
     """``request`` (its ``body`` already read) sent to ``base_url``; raises :class:`aiohttp.ClientError` or

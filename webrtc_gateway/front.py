@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import logging
 import multiprocessing
-import os
 import shutil
 import signal
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -44,8 +43,9 @@ from microturn import logs
 from microturn.config import Settings
 from microturn.service import serve_until_signalled
 from webrtc_gateway import app as gateway_app
-from webrtc_gateway.api import SETTINGS, body_limit, error
-from webrtc_gateway.forward import forward, read_body
+from webrtc_gateway import metrics
+from webrtc_gateway.api import SETTINGS, body_limit, error, livez, whole_body
+from webrtc_gateway.forward import forward
 from webrtc_gateway.routing import process_of
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,10 @@ class Front:
         for i in range(n):
             settings = self.settings.replace(process_index=i, gateway_id=f"{self.settings.gateway_id}-{i}",
                                              max_sessions=share)
-            http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(self.sockets / f"gateway-{i}.sock")),
-                                         auto_decompress=False,
+            path = str(self.sockets / f"gateway-{i}.sock")
+            http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path), auto_decompress=False,
                                          timeout=aiohttp.ClientTimeout(sock_connect=5, sock_read=60))
-            self.processes.append(GatewayProcess(i, settings, str(self.sockets / f"gateway-{i}.sock"), http))
+            self.processes.append(GatewayProcess(i, settings, path, http))
 
     async def start(self) -> None:
         """Start every process and wait until each answers."""
@@ -169,9 +169,8 @@ class Front:
         """Pass SIGTERM on to every process (each drains: see :meth:`Gateway.drain`) and wait until all exited."""
         self.draining = True
         for p in self.processes:
-            if p.alive and p.process is not None and p.process.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.process.pid, signal.SIGTERM)
+            if p.alive and p.process is not None:
+                p.process.terminate()  # SIGTERM
         while any(p.alive for p in self.processes):
             await asyncio.sleep(0.2)
 
@@ -190,19 +189,13 @@ class Front:
 FRONT = web.AppKey("front", Front)
 
 
-async def _read_body(request: web.Request) -> bytes | web.Response:
-    limit = body_limit(request.app[SETTINGS])
-    body = await read_body(request, limit)
-    return error(413, "too_large", f"request body is larger than {limit} bytes") if body is None else body
-
-
 def _draining() -> web.Response:
     return error(503, "draining", "this gateway is draining; use another one", {"Retry-After": "1"})
 
 
 async def to_session(request: web.Request) -> web.Response:
     """A call of one session: to the process that holds it."""
-    body = await _read_body(request)
+    body = await whole_body(request)
     if isinstance(body, web.Response):
         return body
     front = request.app[FRONT]
@@ -214,7 +207,7 @@ async def to_session(request: web.Request) -> web.Response:
 
 async def to_any(request: web.Request) -> web.Response:
     """A new session, or a call that belongs to no session: to the least loaded process."""
-    body = await _read_body(request)
+    body = await whole_body(request)
     if isinstance(body, web.Response):
         return body
     front = request.app[FRONT]
@@ -222,10 +215,6 @@ async def to_any(request: web.Request) -> web.Response:
     if front.draining and (new_session or not any(p.alive for p in front.processes)):
         return _draining()
     return await front.least_loaded(new_session).forward(request, body)
-
-
-async def livez(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -283,8 +272,7 @@ async def metrics_page(request: web.Request) -> web.Response:
                                    "exiting", value=sum(p.restarts for p in front.processes))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged([*families, states, restarts]))
-    return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return metrics.page(registry)
 
 
 async def _front_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -107,6 +108,12 @@ def registry_for(gateway: Gateway) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(gateway))
     return registry
+
+
+def page(registry: CollectorRegistry) -> web.Response:
+    """``registry`` as a ``/metrics`` answer (Prometheus text format)."""
+    return web.Response(body=render(registry), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
 
 
 def render(registry: CollectorRegistry) -> bytes:
