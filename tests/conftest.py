@@ -1,25 +1,30 @@
-"""Shared fixtures: an in-process gateway on loopback, a real redis-server, espeak-ng speech."""
+"""Shared fixtures: an in-process gateway on loopback, a real redis-server, espeak-ng speech; and the drain check
+that a gateway and a multi-process front both pass."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from microturn.client import RATE, ProbeClient
 from microturn.config import Settings
 from microturn.local import free_port
 from microturn.probe import read_audio
 from webrtc_gateway.app import create_app
 
-__all__ = ["free_port", "loopback_settings", "start_gateway"]
+__all__ = ["drains_on_sigterm", "free_port", "loopback_settings", "start_gateway"]
 
 
 def loopback_settings(**changes: object) -> Settings:
@@ -33,6 +38,34 @@ async def start_gateway(settings: Settings) -> TestServer:
     server = TestServer(create_app(settings), host="127.0.0.1")
     await server.start_server()
     return server
+
+
+async def drains_on_sigterm(url: str, proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the gateway served at ``url`` by ``proc`` (its drain timeout 2 s): it refuses new sessions and is
+    not ready, a live session goes on, is told to move when the drain times out, and the process exits 0."""
+    client = ProbeClient(url, np.zeros(10 * RATE, np.float32))
+    try:
+        await client.connect()
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/readyz") as resp:
+                assert resp.status == 503 and (await resp.json())["status"] == "draining"
+            async with http.post(f"{url}/v1/sessions", json={}) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"]
+                assert (await resp.json())["error"]["code"] == "draining"
+            async with http.get(f"{url}/livez") as resp:
+                assert resp.status == 200
+        assert (await client.state())["state"] == "connected"  # the live session goes on while draining
+        await asyncio.sleep(2.5)
+        moves = [m for _, m in client.received.messages if m["type"] == "reconnect"]
+        assert len(moves) == 1 and "another" in moves[0]["reason"]
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        await client.close(delete=False)
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from microturn.bench_gateway import clicks, returned_at
-from microturn.client import RATE, ProbeClient
+from microturn.client import ProbeClient
 from microturn.local import serve
-from tests.conftest import free_port
+from tests.conftest import drains_on_sigterm, free_port
 from webrtc_gateway.front import merge_metrics
 from webrtc_gateway.routing import new_session_id, process_of
 
@@ -174,22 +174,4 @@ async def test_a_process_that_dies_is_started_again(front: tuple[str, subprocess
 
 async def test_sigterm_drains_every_process_then_the_front_exits(
         front: tuple[str, subprocess.Popen[bytes]]) -> None:
-    url, proc = front
-    client = ProbeClient(url, np.zeros(10 * RATE, np.float32))
-    try:
-        await client.connect()
-        await asyncio.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{url}/readyz") as resp:
-                assert resp.status == 503 and (await resp.json())["status"] == "draining"
-            async with http.post(f"{url}/v1/sessions", json={}) as resp:
-                assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
-        assert (await client.state())["state"] == "connected"  # the live session goes on, through the front
-        await asyncio.sleep(2.5)
-        moves = [m for _, m in client.received.messages if m["type"] == "reconnect"]
-        assert len(moves) == 1
-        assert await asyncio.to_thread(proc.wait, 15) == 0
-    finally:
-        await client.close(delete=False)
+    await drains_on_sigterm(*front)  # the live session's calls go on through the front while its process drains
