@@ -48,6 +48,7 @@ class ModelConfig:
     flow_dim: int = 256
     flow_layers: int = 3
     flow_steps: int = 4  # Euler steps at inference
+    flow_text_turns: int = 4  # micro-turns of caption bytes (this one and those before) the head sees; 0: none
     # bounded attention (per session: sink tokens + sliding window; see inference.kv_cache)
     window: int = 512  # tokens a query may look back (besides the sinks)
     n_sink: int = 16  # first tokens of a session, kept for ever
@@ -105,6 +106,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
         values = dict(data)
+        values.setdefault("flow_text_turns", 0)  # checkpoints saved before it existed have no caption context
         if "stem_dims" in values:
             values["stem_dims"] = tuple(values["stem_dims"])
         return cls(**values)

@@ -132,7 +132,8 @@ class ReferenceNet(nn.Module):
         self.norm = RMSNorm(d)
         self.depth = DepthHead(cfg)
         self.text_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.flow = FlowHead(d, cfg.frames_per_turn, cfg.n_mels, cfg.flow_dim, cfg.flow_layers)
+        self.flow = FlowHead(d, cfg.frames_per_turn, cfg.n_mels, cfg.flow_dim, cfg.flow_layers, cfg.vocab_size,
+                             cfg.flow_text_turns * cfg.text_out)
         self.register_buffer("channel_offset", torch.arange(cfg.n_mels) * cfg.dmel_bins, persistent=False)
         self.channel_offset: torch.Tensor
 

@@ -37,6 +37,7 @@ from inference import tokenizer
 from inference.checkpoint import load_checkpoint
 from inference.context import RecordShape, TurnRecord, first_link
 from inference.dmel import LOG_MIN, DMelStream, quantize
+from inference.flow_head import caption_context
 from inference.kv_cache import AttentionPlan, KVPool
 from inference.layout import AUDIO_IN, AUDIO_OUT, FEATURE, TEXT, Tokens, TurnLayout
 from inference.model import ReferenceNet, rope_tables
@@ -67,6 +68,7 @@ class Trace:
     sampled: list[torch.Tensor] = field(default_factory=list)  # per micro-turn (1 + text_out,) text ids
     logits: list[torch.Tensor] = field(default_factory=list)  # per micro-turn (1 + text_out, vocab)
     flow_cond: list[torch.Tensor] = field(default_factory=list)  # per micro-turn (d_model,)
+    flow_text: list[torch.Tensor] = field(default_factory=list)  # per micro-turn (flow_text_turns · text_out,)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Session:
     voice_tail: torch.Tensor  # (SEAM,) last output samples, held back for the next cross-fade
     pending: Tokens  # the last micro-turn's model side, not yet in the cache
     link: bytes  # the link of the session's last context record (the key of the next one)
+    said: torch.Tensor  # (flow_text_turns − 1, text_out) caption ids of the last micro-turns, oldest first
     text_backlog: deque[int] = field(default_factory=deque)
     captions: tokenizer.CaptionDecoder = field(default_factory=tokenizer.CaptionDecoder)
     requests: tokenizer.RequestSpans = field(default_factory=tokenizer.RequestSpans)  # background requests
@@ -125,8 +128,9 @@ class ReferenceModel:
         if session_id in self.sessions:
             raise ValueError(f"session {session_id} is already open")
         silence = torch.full((self.cfg.vocoder_context, self.cfg.n_mels), LOG_MIN)
+        said = torch.full((max(0, self.cfg.flow_text_turns - 1), self.cfg.text_out), tokenizer.PAD)
         self.sessions[session_id] = Session(seed, self.pool.alloc(), silence, torch.zeros(SEAM),
-                                            self.layout.silent_model_side(), first_link(seed),
+                                            self.layout.silent_model_side(), first_link(seed), said,
                                             trace=Trace() if self.record else None)
         self._slot_owner.append(session_id)
 
@@ -187,13 +191,15 @@ class ReferenceModel:
                 ids.append(i)
             z = self.net.depth.step(z, torch.tensor(chosen, device=self.device), j + 1)
         cond = z  # (B, d): the depth state after all of this micro-turn's text
+        said_so_far = [self._said(s, ids) for s, ids in zip(sessions, caption, strict=True)]  # (turns · text_out,) each
 
         frames = cfg.frames_per_turn
         mel = torch.full((len(turns), frames, cfg.n_mels), LOG_MIN)
         talkers = [b for b, talk in enumerate(speaking) if talk]
         if talkers:
             noise = torch.stack([torch.randn(frames * cfg.n_mels, generator=gens[b]) for b in talkers])
-            generated = self.net.flow.sample(cond[talkers], noise.to(self.device), cfg.flow_steps)
+            text = torch.stack([said_so_far[b] for b in talkers]).to(self.device)
+            generated = self.net.flow.sample(cond[talkers], text, noise.to(self.device), cfg.flow_steps)
             mel[talkers] = generated.half().float().cpu()  # fp16 values, so the context record is exact
         out_bins = quantize(mel)
         wave = self._vocode(sessions, mel, talkers)
@@ -206,6 +212,7 @@ class ReferenceModel:
                 s.trace.sampled.append(torch.tensor([control[b], *caption[b]]))
                 s.trace.logits.append(torch.stack([step_logits[b] for step_logits in logits]).cpu())
                 s.trace.flow_cond.append(cond[b].cpu())
+                s.trace.flow_text.append(said_so_far[b])
             record = TurnRecord(t.index, texts[b][0], texts[b][1], video[b], bins[b], control[b], caption[b],
                                 mel[b] if speaking[b] else None)
             context = record.encode(s.link)
@@ -215,6 +222,14 @@ class ReferenceModel:
             outputs.append(MicroTurnOutput(t.session_id, t.index, wave[b], said, events,
                                            context=context))
         return outputs
+
+    def _said(self, s: Session, caption: list[int]) -> torch.Tensor:
+        """The caption ids the flow head sees this micro-turn (:func:`~inference.flow_head.caption_context`): the
+        session's last ones and ``caption``; keeps them for the next micro-turn."""
+        ids = torch.tensor([caption])
+        context = caption_context(ids, self.cfg.flow_text_turns, s.said)[0]
+        s.said = torch.cat([s.said, ids])[1:] if len(s.said) else s.said
+        return context
 
     def _advance(self, sessions: list[Session], runs: list[Tokens]) -> torch.Tensor:
         """Append each run to its session's cache; the hidden state of each run's last token: (B, d)."""
@@ -382,6 +397,7 @@ class ReferenceModel:
                 if self._consume_text(s, r.new_text) != r.text_slots:
                     raise ValueError(f"context record {r.index} does not follow from the ones before it")
                 s.requests.feed(s.captions.feed(r.caption))
+                self._said(s, r.caption)
             s.link = link
             n = len(records)
             if n == 0:

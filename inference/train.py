@@ -12,7 +12,8 @@ attention mask as streaming. Losses:
 - decision (when ``decision_weight`` > 0): the cross-entropy of the ``SPEAK``/``SILENT`` token alone, in which
   the micro-turns where the decision changes (the model starts, or stops) count :data:`CHANGE_WEIGHT` times. They
   are a few in a hundred, yet they are turn-taking: starting late, not at all, or not stopping;
-- audio out: flow matching of each micro-turn's output mel, conditioned on the depth head's final state;
+- audio out: flow matching of the output mel of each micro-turn in which the model speaks (the flow head runs for
+  no other), conditioned on the depth head's final state and the caption context;
 - MoE balance: the routers' Switch balance loss (weighted by ``balance_weight``); after each step the
   routers' selection biases also move towards balance (aux-loss-free balancing).
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from inference import dmel, tokenizer
+from inference.flow_head import caption_context
 from inference.kv_cache import AttentionPlan
 from inference.layout import Tokens, TurnLayout
 from inference.model import Block, ReferenceNet
@@ -52,6 +54,12 @@ class TrainBatch:
     text_targets: torch.Tensor  # (M, 1 + text_out) the model side's text ids
     mel_targets: torch.Tensor  # (M, frames, n_mels) the model side's output mel
     changes: torch.Tensor  # (M,) bool: the SPEAK/SILENT decision differs from the micro-turn before
+    turns: list[int]  # micro-turns per sequence
+
+    def flow_text(self, turns: int) -> torch.Tensor:
+        """(M, turns · text_out): the caption ids the flow head sees at each micro-turn (each sequence from PAD)."""
+        captions = self.text_targets[:, 1:].split(self.turns)
+        return torch.cat([caption_context(c, turns) for c in captions])
 
 
 def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> TrainBatch:
@@ -73,7 +81,7 @@ def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> Train
             offset += len(turn.user) + len(model_side)
         lengths.append(offset - start)
     return TrainBatch(Tokens.cat(parts), lengths, torch.tensor(rows), torch.stack(text_targets),
-                      torch.stack(mels), torch.tensor(changes))
+                      torch.stack(mels), torch.tensor(changes), [len(turns) for turns in sequences])
 
 
 @dataclass
@@ -104,13 +112,23 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
         weights = 1 + (CHANGE_WEIGHT - 1) * batch.changes.to(device).float()
         decision = F.cross_entropy(logits[:, 0], targets[:, 0], reduction="none")
         text = text + decision_weight * (weights * decision).sum() / weights.sum()
-    n = len(batch.rows)
-    noise = torch.randn(n, cfg.frames_per_turn * cfg.n_mels, generator=generator).to(device)
-    t = torch.rand(n, generator=generator).to(device)
-    flow = net.flow.loss(cond, batch.mel_targets.to(device), noise, t)
+    flow = flow_loss(net, cond[speaking], batch.flow_text(cfg.flow_text_turns).to(device)[speaking],
+                     batch.mel_targets.to(device)[speaking], generator)
     balance = torch.stack([r.balance_loss for r in routings]).mean()
     total = text + flow + balance_weight * balance
     return Losses(text, flow, balance, total), torch.stack([r.load for r in routings])
+
+
+def flow_loss(net: ReferenceNet, cond: torch.Tensor, text: torch.Tensor, mel: torch.Tensor,
+              generator: torch.Generator) -> torch.Tensor:
+    """Flow matching of the micro-turns in which the model speaks (the only ones the flow head runs for): their
+    conditioning (n, d), caption context (n, ids) and target mel (n, frames, n_mels). Zero when n is 0."""
+    n = len(cond)
+    noise = torch.randn(n, net.cfg.frames_per_turn * net.cfg.n_mels, generator=generator).to(cond.device)
+    t = torch.rand(n, generator=generator).to(cond.device)
+    if n == 0:
+        return cond.sum() * 0.0
+    return net.flow.loss(cond, text, mel, noise, t)
 
 
 BIAS_RATE = 1e-3

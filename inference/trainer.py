@@ -16,11 +16,16 @@ folder that has ``state.pt`` resumes it: the same seed, data and settings give t
 never interrupted.
 
 A run may start from a trained checkpoint (``init``) and train only some of it (``parts``): ``flow`` trains the flow
-head (the audio out) on a frozen trunk, whose forward still runs but takes no gradients and whose routers' biases stay.
+head (the audio out) on the frozen rest. Since nothing before the flow head changes, what conditions it is computed
+once: every train conversation (and ``val_windows`` validation ones) goes through the trunk and the depth head,
+teacher-forced, and each micro-turn in which the model speaks gives a :class:`FlowPairs` row (conditioning, caption
+context, target mel), kept in the run folder as ``flow_pairs.pt``. A step then samples ``batch`` of those rows, so
+the head sees thousands of spoken micro-turns a second instead of the trunk's hundred or so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -31,12 +36,14 @@ from typing import Any
 
 import torch
 
+from inference import tokenizer
 from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
 from inference.conversation import Conversation, conversations, examples
+from inference.kv_cache import AttentionPlan
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
-from inference.train import BIAS_RATE, TrainBatch, build_batch, compute_losses, train_step
+from inference.train import Losses, TrainBatch, build_batch, compute_losses, flow_loss, train_step
 
 PARTS = ("all", "flow")
 """What a run trains: the whole model, or only the flow head."""
@@ -60,8 +67,42 @@ class TrainSettings:
     device: str = "cpu"
     threads: int = 0  # torch CPU threads; 0: torch's default
     init: Path | None = None  # start from this checkpoint's weights (and config) instead of a random preset
-    parts: str = "all"  # all | flow: train only the flow head, the rest frozen
+    parts: str = "all"  # all | flow: train only the flow head, the rest frozen (batch: spoken micro-turns)
     decision_weight: float = 0.0  # weight of the SPEAK/SILENT decision loss (see inference.train); 0: none
+    flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
+
+
+@dataclass
+class FlowPairs:
+    """What the flow head learns from on a frozen trunk, one row per micro-turn in which the model speaks."""
+
+    cond: torch.Tensor  # (n, d_model) the depth head's final state
+    text: torch.Tensor  # (n, flow_text_turns · text_out) caption context
+    mel: torch.Tensor  # (n, frames, n_mels) target log-mel
+
+    def take(self, index: torch.Tensor) -> FlowPairs:
+        return FlowPairs(self.cond[index], self.text[index], self.mel[index])
+
+
+def flow_pairs(net: ReferenceNet, files: list[Path], label: str) -> FlowPairs:
+    """The :class:`FlowPairs` of whole conversations, teacher-forced through ``net`` (which does not change)."""
+    cfg, device = net.cfg, next(net.parameters()).device
+    layout = TurnLayout.of(cfg)
+    parts: list[FlowPairs] = []
+    net.eval()
+    for i, path in enumerate(files):
+        batch = build_batch(layout, [examples(Conversation.load(path), cfg)])
+        with torch.no_grad():
+            h, _ = net(net.embed(batch.tokens.to(device)), AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink,
+                                                                              device))
+            _, cond = net.teacher_forced(h[batch.rows.to(device)], batch.text_targets.to(device))
+        speaking = batch.text_targets[:, 0] == tokenizer.SPEAK
+        parts.append(FlowPairs(cond.cpu()[speaking], batch.flow_text(cfg.flow_text_turns)[speaking],
+                               batch.mel_targets[speaking]))
+        print(f"\rtrain: the flow head's inputs, {label} conversation {i + 1}/{len(files)}", end="",
+              file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return FlowPairs(*(torch.cat(x) for x in zip(*((p.cond, p.text, p.mel) for p in parts), strict=True)))
 
 
 @dataclass
@@ -100,11 +141,15 @@ class Trainer:
         if s.parts not in PARTS:
             raise ValueError(f"--parts must be one of {', '.join(PARTS)}, not {s.parts!r}")
         self.cfg = load_config(s.init) if s.init is not None else get_preset(s.preset)
+        if s.flow_text_turns is not None:
+            self.cfg = dataclasses.replace(self.cfg, flow_text_turns=s.flow_text_turns)
         self.layout = TurnLayout.of(self.cfg)
         self.train_files = _split(s.data, "train")
         self.val_files = _split(s.data, "validation", "val")
         torch.manual_seed(s.seed)
-        self.net = (load_checkpoint(s.init) if s.init is not None else ReferenceNet(self.cfg)).to(s.device)
+        self.net = ReferenceNet(self.cfg).to(s.device)
+        if s.init is not None:
+            self._start_from(load_checkpoint(s.init))
         if s.parts == "flow":
             self.net.requires_grad_(False)
             self.net.flow.requires_grad_(True)
@@ -115,8 +160,31 @@ class Trainer:
         self.step = 0
         self.history = History()
         self._cache: dict[Path, Conversation] = {}
+        self.pairs: dict[str, FlowPairs] = self._flow_pairs() if s.parts == "flow" else {}
         if (s.out / "state.pt").exists():
             self._load()
+
+    def _start_from(self, init: ReferenceNet) -> None:
+        """Copy ``init``'s weights; only the flow head's caption-context weights may be missing from them (new
+        with ``flow_text_turns``), or be left out (a context of 0)."""
+        own, given = self.net.state_dict(), init.state_dict()
+        new = {k for k in own if k not in given}
+        dropped = {k for k in given if k not in own}
+        if any(not k.startswith("flow.text") for k in new | dropped):
+            raise ValueError(f"{self.s.init}: its weights do not fit this model ({sorted(new | dropped)[:4]} …)")
+        self.net.load_state_dict({k: v for k, v in given.items() if k in own}, strict=False)
+
+    def _flow_pairs(self) -> dict[str, FlowPairs]:
+        """The train and validation :class:`FlowPairs`, made once per run folder."""
+        path = self.s.out / "flow_pairs.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=False)
+            return {name: FlowPairs(**fields) for name, fields in saved.items()}
+        pairs = {"train": flow_pairs(self.net, self.train_files, "train"),
+                 "validation": flow_pairs(self.net, self.val_files[:self.s.val_windows], "validation")}
+        self.s.out.mkdir(parents=True, exist_ok=True)
+        torch.save({name: asdict(p) for name, p in pairs.items()}, path)
+        return pairs
 
     def _conversation(self, path: Path) -> Conversation:
         if path not in self._cache:
@@ -134,11 +202,31 @@ class Trainer:
             sequences.append(examples(conv, self.cfg, start, length))
         return build_batch(self.layout, sequences)
 
+    def _flow_step(self) -> tuple[Losses, int]:
+        """One optimiser step of the flow head on ``batch`` random :class:`FlowPairs` rows."""
+        n = len(self.pairs["train"].cond)
+        rows = self.pairs["train"].take(torch.randint(0, n, (self.s.batch,), generator=self.data_gen))
+        self.net.flow.train()
+        loss = flow_loss(self.net, rows.cond.to(self.s.device), rows.text.to(self.s.device),
+                         rows.mel.to(self.s.device), self.noise_gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.flow.parameters(), 1.0)
+        self.optimizer.step()
+        zero = torch.zeros(())
+        return Losses(zero, loss.detach(), zero, loss.detach()), self.s.batch
+
     def validate(self) -> float:
-        """Mean total loss over fixed windows of the validation split (the same windows every time)."""
+        """Mean total loss over fixed windows of the validation split (the same windows every time); for a flow
+        run, the flow loss of its validation pairs (with the same noise every time)."""
         gen = torch.Generator().manual_seed(12345)
         self.net.eval()
         totals = []
+        if self.pairs:
+            val = self.pairs["validation"]
+            with torch.no_grad():
+                return float(flow_loss(self.net, val.cond.to(self.s.device), val.text.to(self.s.device),
+                                       val.mel.to(self.s.device), gen))
         with torch.no_grad():
             for i in range(self.s.val_windows):
                 conv = self._conversation(self.val_files[i % len(self.val_files)])
@@ -158,11 +246,14 @@ class Trainer:
         while self.step < s.steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = _lr(s, self.step)
-            batch = self._batch()
-            losses = train_step(self.net, self.optimizer, batch, self.noise_gen,
-                                bias_rate=BIAS_RATE if s.parts == "all" else 0.0, decision_weight=s.decision_weight)
+            if s.parts == "flow":
+                losses, turns = self._flow_step()
+            else:
+                batch = self._batch()
+                losses = train_step(self.net, self.optimizer, batch, self.noise_gen, decision_weight=s.decision_weight)
+                turns = len(batch.rows)
             self.step += 1
-            turns_seen += len(batch.rows)
+            turns_seen += turns
             self.history.train.append((self.step, float(losses.total), float(losses.text), float(losses.flow)))
             rate = turns_seen / max(1e-9, time.perf_counter() - began)
             print(f"\rtrain: step {self.step}/{s.steps}  loss {float(losses.total):.3f} "

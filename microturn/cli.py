@@ -119,7 +119,8 @@ def _train(args: argparse.Namespace) -> int:
                              steps=args.steps, batch=args.batch, window=args.window, lr=args.lr,
                              val_every=args.val_every, val_windows=args.val_windows, save_every=args.save_every,
                              seed=args.seed, device=args.device, threads=args.threads, init=args.init,
-                             parts=args.parts, decision_weight=args.decision_weight)
+                             parts=args.parts, decision_weight=args.decision_weight,
+                             flow_text_turns=args.flow_text_turns)
     result = Trainer(settings).run()
     print(json.dumps(result))
     return 0
@@ -255,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run folder (default runs/PRESET); a folder with state.pt resumes")
     train.add_argument("--preset", default="tiny")
     train.add_argument("--steps", type=int, default=2000)
-    train.add_argument("--batch", type=int, default=4, help="windows per step")
+    train.add_argument("--batch", type=int, default=4,
+                       help="windows per step; with --parts flow: spoken micro-turns per step")
     train.add_argument("--window", type=int, default=40, help="micro-turns per window")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--val-every", type=int, default=100)
@@ -270,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decision-weight", type=float, default=0.0,
                        help="weight of an extra loss on the SPEAK/SILENT decision, its changes counted more "
                        "(inference.train.CHANGE_WEIGHT times; 0: off)")
+    train.add_argument("--flow-text-turns", type=int,
+                       help="micro-turns of caption bytes the flow head sees (default: the preset's or --init's); "
+                       "with --init, new weights for that part of the head")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON")
@@ -281,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     duplex.add_argument("--model", default="reference",
                         help="reference (default); echo: the diagnostic (its speech is the user's, a micro-turn "
                         "later); oracle: the conversations' own targets (the metrics' ceiling); oracle-glN: the "
-                        "targets' mel through N-iteration Griffin-Lim (the ceiling with that vocoder; N=4 on tiny)")
+                        "targets' mel through N-iteration Griffin-Lim (the ceiling with that vocoder; N=4 on tiny); "
+                        "teacher-forced: the checkpoint's audio head speaking the targets, the rest of the model "
+                        "fed the right answers (how clearly it can speak)")
     duplex.add_argument("--set", type=Path, required=True, help="a data set of `microturn data synth` (its test/ "
                         "split is used) or a folder of conversations")
     duplex.add_argument("--via", choices=["offline", "webrtc"], default="offline",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn
 from microturn.local import free_port, serve
 from webrtc_gateway.ice import use_host_addresses
 from webrtc_gateway.resample import Decimator, Interpolator
+
+if TYPE_CHECKING:
+    from inference.model import ReferenceNet
 
 
 def _test_files(set_dir: Path) -> list[Path]:
@@ -91,11 +94,40 @@ def griffin_lim(audio: np.ndarray, iters: int) -> np.ndarray:
     return np.pad(out, (0, max(0, len(audio) - len(out))))[: len(audio)]
 
 
+def play_teacher_forced(conv: Conversation, net: ReferenceNet) -> Played:
+    """The audio head's ceiling: the checkpoint's flow head speaks the conversation's target micro-turns, with the
+    trunk and depth head teacher-forced on the targets (so every word and every turn is right), and its mel goes
+    through the model's Griffin-Lim; the captions are the targets'."""
+    import torch
+
+    from inference import dmel, tokenizer
+    from inference.conversation import examples
+    from inference.kv_cache import AttentionPlan
+    from inference.layout import TurnLayout
+    from inference.train import build_batch
+    from inference.vocoder import GriffinLim
+
+    cfg, on = net.cfg, next(net.parameters()).device
+    batch = build_batch(TurnLayout.of(cfg), [examples(conv, cfg)])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        h, _ = net(net.embed(batch.tokens.to(on)), AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink, on))
+        _, cond = net.teacher_forced(h[batch.rows.to(on)], batch.text_targets.to(on))
+        noise = torch.randn(len(cond), cfg.frames_per_turn * cfg.n_mels, generator=generator).to(on)
+        mel = net.flow.sample(cond, batch.flow_text(cfg.flow_text_turns).to(on), noise, cfg.flow_steps).cpu()
+        silent = batch.text_targets[:, 0] != tokenizer.SPEAK
+        mel[silent] = dmel.LOG_MIN
+        audio = GriffinLim(cfg.griffin_lim_iters)(mel.reshape(1, -1, cfg.n_mels))[0].numpy()
+    audio[np.repeat(silent.numpy(), MICRO_TURN_SAMPLES)] = 0.0
+    return Played(audio[: len(conv.user_audio)].astype(np.float32), _target_captions(conv))
+
+
 def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", limit: int | None = None,
                 plot: Path | None = None, device: str = "cpu", model: str = "reference") -> dict[str, Any]:
     """Score the model on the test conversations of ``set_dir``; returns the JSON ``eval duplex`` prints.
     ``model`` ``echo`` (no checkpoint) is the diagnostic: its speech is the user's, one micro-turn later; ``oracle``
-    scores the conversations' own targets (the best a model can get)."""
+    scores the conversations' own targets (the best a model can get); ``teacher-forced`` the checkpoint's audio head
+    alone (:func:`play_teacher_forced`)."""
     files = _test_files(set_dir)[:limit]
     convs = [Conversation.load(f) for f in files]
     recognise = Recogniser(candidates([c.meta for c in convs]))
@@ -105,6 +137,11 @@ def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", li
     elif model.startswith("oracle-gl"):  # the targets' mel through Griffin-Lim: a perfect model's ceiling with it
         iters = int(model.removeprefix("oracle-gl") or 4)
         played = [Played(griffin_lim(c.model_audio, iters), _target_captions(c)) for c in convs]
+    elif model == "teacher-forced":
+        from inference.checkpoint import SHIPPED, load_checkpoint
+
+        net = load_checkpoint(checkpoint or SHIPPED, device)
+        played = [play_teacher_forced(c, net) for c in convs]
     elif via == "offline":
         backend = load_backend(model, checkpoint, device)
         for i, conv in enumerate(convs):

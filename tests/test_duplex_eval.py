@@ -136,3 +136,19 @@ def test_digit_answers_are_recognised_as_spoken_and_interrupted_answers_are_not_
                           {"kind": "arithmetic", "end": s(2.4), "answer": "four", "interrupted": False}]}
     got = score(meta, Played(tone(4.0, [(1.3, 1.9), (2.7, 3.0)]), {13: "four"}))
     assert [a[1] for a in got.answers] == ["four"]  # the cut-off answer is not counted as a miss
+
+
+def test_the_teacher_forced_diagnostic_speaks_exactly_the_target_micro_turns(tmp_path: Path) -> None:
+    """``--model teacher-forced``: the shipped audio head speaks where the targets speak, and nowhere else."""
+    from inference.checkpoint import SHIPPED, load_checkpoint
+    from inference.conversation import Conversation
+    from microturn.eval_duplex import play_teacher_forced
+    from tests.test_trainer import write_conversation
+
+    conv = Conversation.load(write_conversation(tmp_path, "c0", 0))
+    played = play_teacher_forced(conv, load_checkpoint(SHIPPED))
+    (start, end), = conv.meta["model_speech"]
+    assert not played.audio[:start].any() and not played.audio[end:].any()
+    spans = speech_spans(played.audio)
+    assert spans and spans[0][0] - start < 0.2 * SR and end - spans[-1][1] < 0.2 * SR, spans
+    assert "".join(played.captions.values()) == "it is red"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from inference import tokenizer
+from inference.flow_head import caption_context
 from inference.kv_cache import AttentionPlan, KVPool
 from inference.layout import Tokens
 from inference.reference import ReferenceModel
@@ -38,6 +40,10 @@ def test_stepping_equals_one_causal_forward_after_eviction() -> None:
     stepped = torch.cat(trace.logits)
     torch.testing.assert_close(stepped, logits, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(torch.stack(trace.flow_cond), cond, atol=2e-4, rtol=1e-4)
+    # the flow head's caption context is the one training gives it: the sampled captions, laid out offline
+    captions = torch.stack(trace.sampled)[:, 1:]
+    assert cfg.flow_text_turns > 1 and int((captions != tokenizer.PAD).sum()) > 0
+    assert torch.equal(torch.stack(trace.flow_text), caption_context(captions, cfg.flow_text_turns))
 
 
 def test_reprefill_rebuilds_the_same_cache() -> None:

@@ -117,13 +117,33 @@ def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_p
     write_conversation(data / "validation", "v0", 9)
     base: dict[str, Any] = dict(data=data, steps=3, batch=2, window=6, val_every=3, save_every=3, val_windows=1,
                                 warmup=1)
-    Trainer(TrainSettings(out=tmp_path / "a", **base)).run()
+    Trainer(TrainSettings(out=tmp_path / "a", flow_text_turns=0, **base)).run()  # a head without caption context
     start = load_checkpoint(tmp_path / "a" / "checkpoint").state_dict()
-    flow = Trainer(TrainSettings(out=tmp_path / "b", init=tmp_path / "a" / "checkpoint", parts="flow", **base))
-    assert all(torch.equal(v, start[k]) for k, v in flow.net.state_dict().items())  # it starts from the checkpoint
+    assert not any(k.startswith("flow.text") for k in start)
+
+    def flow_run(out: str, steps: int) -> Trainer:
+        return Trainer(TrainSettings(out=tmp_path / out, init=tmp_path / "a" / "checkpoint", parts="flow",
+                                     flow_text_turns=2, **{**base, "steps": steps}))
+
+    flow = flow_run("b", 3)
+    assert all(torch.equal(v, start[k]) for k, v in flow.net.state_dict().items() if k in start)  # starts from it
+    # one row per micro-turn in which the model speaks (4 in each conversation), with two micro-turns of captions
+    pairs = flow.pairs["train"]
+    assert pairs.cond.shape == (8, flow.cfg.d_model) and pairs.text.shape == (8, 2 * flow.cfg.text_out)
+    said = pairs.text[:4, -flow.cfg.text_out:].flatten().tolist()  # this micro-turn's captions, in order
+    assert bytes(i for i in said if i != tokenizer.PAD) == b"it is red"
     flow.run()
     after = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
-    changed = {k for k, v in after.items() if not torch.equal(v, start[k])}
+    assert load_checkpoint(tmp_path / "b" / "checkpoint").cfg.flow_text_turns == 2
+    changed = {k for k, v in after.items() if k not in start or not torch.equal(v, start[k])}
     assert changed and all(k.startswith("flow.") for k in changed), changed  # router biases stay too
+    assert {"flow.text.weight", "flow.text_emb.weight"} <= changed
+    assert (tmp_path / "b" / "flow_pairs.pt").exists()
+    flow_run("c", 2).run()  # stopped after 2 steps, resumed to 3: the same weights as straight through
+    resumed = flow_run("c", 3)
+    assert resumed.step == 2
+    resumed.run()
+    for (name, a), (_, b) in zip(flow.net.state_dict().items(), resumed.net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="parts"):
         Trainer(TrainSettings(out=tmp_path / "c", parts="trunk", **base))

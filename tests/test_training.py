@@ -12,6 +12,7 @@ import torch
 
 from inference import tokenizer
 from inference.config import preset
+from inference.flow_head import caption_context
 from inference.kv_cache import AttentionPlan
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
@@ -68,7 +69,8 @@ def _sampled_mel(net: ReferenceNet, batch: TrainBatch) -> tuple[torch.Tensor, to
         speaking = batch.text_targets[:, 0] == tokenizer.SPEAK
         noise = torch.randn(int(speaking.sum()), net.cfg.frames_per_turn * net.cfg.n_mels,
                             generator=torch.Generator().manual_seed(2))
-        return net.flow.sample(cond[speaking], noise, net.cfg.flow_steps), batch.mel_targets[speaking]
+        text = batch.flow_text(net.cfg.flow_text_turns)[speaking]
+        return net.flow.sample(cond[speaking], text, noise, net.cfg.flow_steps), batch.mel_targets[speaking]
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -91,3 +93,21 @@ def test_decision_loss_weighs_the_micro_turns_where_the_model_starts_or_stops() 
     ce = torch.nn.functional.cross_entropy(logits[:, 0], batch.text_targets[:, 0], reduction="none")
     w = torch.where(batch.changes, 4.0, 1.0)
     assert abs(float(weighted.text - plain.text) - 0.5 * float((w * ce).sum() / w.sum())) < 1e-5
+
+
+def test_caption_context_holds_the_last_micro_turns_captions_oldest_first() -> None:
+    pad = tokenizer.PAD
+    captions = torch.tensor([[1, 2], [3, 4], [5, 6]])  # three micro-turns of two caption ids
+    assert caption_context(captions, 2).tolist() == [[pad, pad, 1, 2], [1, 2, 3, 4], [3, 4, 5, 6]]
+    before = torch.tensor([[7, 8]])
+    assert caption_context(captions[:1], 2, before).tolist() == [[7, 8, 1, 2]]
+    assert caption_context(captions, 0).shape == (3, 0)
+
+
+def test_a_batch_gives_each_sequence_its_own_caption_context() -> None:
+    cfg = preset("tiny")
+    batch = tone_task(TurnLayout.of(cfg), batch=2, turns=5, generator=torch.Generator().manual_seed(3))
+    text = batch.flow_text(2)  # (10, 2 · text_out)
+    captions = batch.text_targets[:, 1:]
+    assert torch.equal(text[5, :cfg.text_out], torch.full((cfg.text_out,), tokenizer.PAD))  # a new sequence
+    assert torch.equal(text[6], torch.cat([captions[5], captions[6]]))
