@@ -88,6 +88,12 @@ class Session:
     trace: Trace | None = None
 
 
+def cpu_threads(processes: int = 1) -> int:
+    """Torch threads for the model of one of ``processes`` gateway processes on this machine's CPU: the tick thread
+    is a process's only torch user, and the models share half the cores; the other half is the gateways' codecs."""
+    return max(1, (os.cpu_count() or 2) // 2 // processes)
+
+
 class ReferenceModel:
     """The reference model as a :class:`~microturn.contracts.ModelBackend`."""
 
@@ -99,8 +105,7 @@ class ReferenceModel:
         self.cfg = net.cfg
         self.device = next(net.parameters()).device
         if self.device.type == "cpu":
-            # the tick thread is the process's only torch user; leave the other cores to the gateway's codecs
-            torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
+            torch.set_num_threads(threads or cpu_threads())
         self.layout = TurnLayout.of(self.cfg)
         if self.cfg.vocoder_context * self.cfg.hop < SEAM:
             raise ValueError(f"vocoder_context must cover the {SEAM}-sample cross-fade")
@@ -115,8 +120,8 @@ class ReferenceModel:
         self.expert_load = torch.zeros(self.cfg.n_layers, self.cfg.n_experts, dtype=torch.long)
 
     @classmethod
-    def from_checkpoint(cls, path: Path, device: str = "cpu") -> ReferenceModel:
-        return cls(load_checkpoint(path, device))
+    def from_checkpoint(cls, path: Path, device: str = "cpu", threads: int | None = None) -> ReferenceModel:
+        return cls(load_checkpoint(path, device), threads=threads)
 
     def kv_cache_bytes(self) -> int:
         """Memory the KV pool holds now (all its slots, open or not): what ``/metrics`` reports."""

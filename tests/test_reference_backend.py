@@ -4,6 +4,7 @@ index), sessions free everything on close, and it plugs into the engine like ``e
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 from inference import tokenizer
 from inference.engine import Engine
 from inference.layout import FEATURE
-from inference.reference import MAX_TEXT_BACKLOG, SEAM, ReferenceModel
+from inference.models import load_backend
+from inference.reference import MAX_TEXT_BACKLOG, SEAM, ReferenceModel, cpu_threads
 from microturn.contracts import MICRO_TURN_SAMPLES, ControlEvent, MicroTurn, MicroTurnOutput
 from tests._reference_helpers import make_net, make_turn, run, small_config
 
@@ -195,3 +197,16 @@ def test_restore_refuses_bad_records_and_leaves_nothing_open() -> None:
     assert "b" not in model.sessions and model.pool.open_slots == 1
     model.restore("c", 0, [])
     assert model.step([make_turn("c", 0)])[0].index == 0
+
+
+def test_the_models_of_a_multi_process_gateway_share_half_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [cpu_threads(n) for n in (1, 2, 4, 8)] == [4, 2, 1, 1]
+    threads = torch.get_num_threads()
+    try:
+        load_backend("reference", processes=2)
+        assert torch.get_num_threads() == 2
+        load_backend("reference")
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)

@@ -89,7 +89,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         engine = RemoteEngine(settings.workers, settings.worker_token, app[STORE])
     else:
         backend = await asyncio.get_running_loop().run_in_executor(
-            None, load_backend, settings.model, settings.checkpoint, settings.device)
+            None, load_backend, settings.model, settings.checkpoint, settings.device, settings.processes)
         engine = Engine(backend, tick_budget_ms=settings.tick_budget_ms)
     await engine.start()
     app[ENGINE] = engine
