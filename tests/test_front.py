@@ -8,6 +8,7 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import numpy as np
@@ -16,9 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from microturn.bench_gateway import clicks, returned_at
 from microturn.client import ProbeClient
+from microturn.config import Settings
 from microturn.local import serve
 from tests.conftest import drains_on_sigterm, free_port
-from webrtc_gateway.front import merge_metrics
+from webrtc_gateway.front import BACKOFF_MAX_S, STABLE_S, GatewayProcess, merge_metrics
 from webrtc_gateway.routing import new_session_id, process_of
 
 MICRO_TURN_S = 0.2
@@ -170,6 +172,23 @@ async def test_a_process_that_dies_is_started_again(front: tuple[str, subprocess
             made.add(process_of(grant["session_id"], 2))
         assert made == {0, 1}
     assert set(gateway_processes(proc.pid)) != set(pids)
+
+
+def test_a_process_that_keeps_exiting_soon_after_its_start_waits_longer_each_time() -> None:
+    p = GatewayProcess(0, Settings(), "unused.sock", cast(aiohttp.ClientSession, None))  # never started: exited
+    waits, now = [], 1000.0
+    for _ in range(7):
+        p.started_at, p.restart_at = now, None  # what start() records
+        now += 5.0  # it exits 5 s after its start
+        assert not p.due_restart(now)  # not at once
+        waited = 0.0
+        while not p.due_restart(now + waited):
+            waited += 0.5
+        waits.append(waited)
+        now += waited
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, BACKOFF_MAX_S, BACKOFF_MAX_S]
+    p.started_at, p.restart_at = now, None
+    assert p.due_restart(now + STABLE_S) and p.quick_exits == 0  # after a long run: at once, and the count starts over
 
 
 async def test_sigterm_drains_every_process_then_the_front_exits(

@@ -40,12 +40,12 @@ Docs = list[Doc]
 GAUGES = {
     "microturn_sessions", "microturn_peer_packet_loss_ratio", "microturn_peer_jitter_seconds",
     "microturn_peer_rtt_seconds", "microturn_workers", "microturn_engine_sessions", "microturn_engine_capacity",
-    "microturn_worker_draining", "microturn_kv_cache_bytes",
+    "microturn_worker_draining", "microturn_kv_cache_bytes", "microturn_gateway_processes",
 }
 COUNTERS = {
     "microturn_micro_turns_total", "microturn_late_micro_turns_total", "microturn_frames_out_total",
     "microturn_underrun_frames_total", "microturn_worker_reassignments_total", "microturn_engine_ticks_total",
-    "microturn_engine_late_ticks_total",
+    "microturn_engine_late_ticks_total", "microturn_gateway_process_restarts_total",
 }
 HISTOGRAMS = {
     "microturn_micro_turn_seconds", "microturn_worker_hop_seconds", "microturn_engine_tick_seconds",

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often the front asks each process for its state and load
 START_TIMEOUT_S = 120.0  # a process that does not answer within this at start-up stops the front
 STATES = ("ready", "draining", "no_worker", "starting", "down")
+STABLE_S = 60.0  # a process that ran this long before it exited is started again at once
+BACKOFF_MAX_S = 30.0  # the longest wait before starting again a process that keeps exiting soon after its start
 
 
 def _process_main(settings: Settings, path: str) -> None:
@@ -75,12 +77,29 @@ class GatewayProcess:
     state: str = "starting"  # one of STATES: what its /readyz said, or "down"
     sessions: int = 0  # its session count at the last poll, plus the sessions sent to it since
     restarts: int = 0
+    started_at: float = 0.0  # time.monotonic() of its last start
+    quick_exits: int = 0  # exits in a row, each within STABLE_S of its start
+    restart_at: float | None = None  # when an exited process is to be started again
 
     def start(self) -> None:
         self.process = multiprocessing.get_context("spawn").Process(
             target=_process_main, args=(self.settings, self.path), name=f"microturn-gateway-{self.index}")
         self.process.start()
         self.state = "starting"
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def due_restart(self, now: float) -> bool:
+        """Whether this exited process should be started again now. It is, at once, after a run of
+        :data:`STABLE_S` or more; a process that keeps exiting soon after its start waits 1, 2, 4 … up to
+        :data:`BACKOFF_MAX_S` seconds first, so a crash loop does not spin."""
+        if self.restart_at is None:
+            self.quick_exits = self.quick_exits + 1 if now - self.started_at < STABLE_S else 0
+            wait = min(BACKOFF_MAX_S, 2.0 ** (self.quick_exits - 1)) if self.quick_exits else 0.0
+            code = self.process.exitcode if self.process else None
+            log.error("gateway process %d exited (code %s); starting it again in %.0f s", self.index, code, wait)
+            self.restart_at = now + wait
+        return now >= self.restart_at
 
     @property
     def alive(self) -> bool:
@@ -143,12 +162,11 @@ class Front:
         log.info("front: %d gateway processes running", len(self.processes))
 
     async def watch(self) -> None:
-        """Poll every process's state and load; start again any that exited (unless draining)."""
+        """Poll every process's state and load; start again any that exited (unless draining; see
+        :meth:`GatewayProcess.due_restart`)."""
         while True:
             for p in self.processes:
-                if not p.alive and not self.draining:
-                    code = p.process.exitcode if p.process else None
-                    log.error("gateway process %d exited (code %s); starting it again", p.index, code)
+                if not p.alive and not self.draining and p.due_restart(time.monotonic()):
                     p.restarts += 1
                     p.start()
             await asyncio.gather(*(p.poll() for p in self.processes))
