@@ -31,6 +31,7 @@ from inference.flow_head import caption_context
 from inference.kv_cache import AttentionPlan
 from inference.layout import Tokens, TurnLayout
 from inference.model import Block, ReferenceNet
+from inference.moe import Routing
 from microturn.contracts import MICRO_TURN_SAMPLES, SAMPLE_RATE
 
 
@@ -96,14 +97,22 @@ CHANGE_WEIGHT = 4.0
 """How much more a micro-turn in which the SPEAK/SILENT decision changes counts in the decision loss."""
 
 
+def teacher_forced(net: ReferenceNet, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, list[Routing]]:
+    """The trunk over the batch's sequences and the depth head over its targets: text logits (M, 1 + text_out,
+    vocab), flow conditioning (M, d) and the trunk layers' routings."""
+    cfg, device = net.cfg, net.text_head.weight.device
+    plan = AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink, device)
+    h, routings = net(net.embed(batch.tokens.to(device)), plan)
+    logits, cond = net.teacher_forced(h[batch.rows.to(device)], batch.text_targets.to(device))
+    return logits, cond, routings
+
+
 def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Generator,
                    balance_weight: float = 0.01, decision_weight: float = 0.0) -> tuple[Losses, torch.Tensor]:
     """The losses (the decision loss is part of ``text``), and the per-layer expert load (L, E) of this batch."""
     cfg, device = net.cfg, net.text_head.weight.device
-    plan = AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink, device)
-    h, routings = net(net.embed(batch.tokens.to(device)), plan)
+    logits, cond, routings = teacher_forced(net, batch)
     targets = batch.text_targets.to(device)
-    logits, cond = net.teacher_forced(h[batch.rows.to(device)], targets)
     text = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     speaking = targets[:, 0] == tokenizer.SPEAK
     if bool(speaking.any()):

@@ -40,10 +40,9 @@ from inference import tokenizer
 from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
 from inference.conversation import Conversation, conversations, examples
-from inference.kv_cache import AttentionPlan
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
-from inference.train import Losses, TrainBatch, build_batch, compute_losses, flow_loss, train_step
+from inference.train import Losses, TrainBatch, build_batch, compute_losses, flow_loss, teacher_forced, train_step
 
 PARTS = ("all", "flow")
 """What a run trains: the whole model, or only the flow head."""
@@ -86,16 +85,14 @@ class FlowPairs:
 
 def flow_pairs(net: ReferenceNet, files: list[Path], label: str) -> FlowPairs:
     """The :class:`FlowPairs` of whole conversations, teacher-forced through ``net`` (which does not change)."""
-    cfg, device = net.cfg, next(net.parameters()).device
+    cfg = net.cfg
     layout = TurnLayout.of(cfg)
     parts: list[FlowPairs] = []
     net.eval()
     for i, path in enumerate(files):
         batch = build_batch(layout, [examples(Conversation.load(path), cfg)])
         with torch.no_grad():
-            h, _ = net(net.embed(batch.tokens.to(device)), AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink,
-                                                                              device))
-            _, cond = net.teacher_forced(h[batch.rows.to(device)], batch.text_targets.to(device))
+            _, cond, _ = teacher_forced(net, batch)
         speaking = batch.text_targets[:, 0] == tokenizer.SPEAK
         parts.append(FlowPairs(cond.cpu()[speaking], batch.flow_text(cfg.flow_text_turns)[speaking],
                                batch.mel_targets[speaking]))
@@ -202,13 +199,16 @@ class Trainer:
             sequences.append(examples(conv, self.cfg, start, length))
         return build_batch(self.layout, sequences)
 
+    def _flow_loss(self, rows: FlowPairs, generator: torch.Generator) -> torch.Tensor:
+        device = self.s.device
+        return flow_loss(self.net, rows.cond.to(device), rows.text.to(device), rows.mel.to(device), generator)
+
     def _flow_step(self) -> tuple[Losses, int]:
         """One optimiser step of the flow head on ``batch`` random :class:`FlowPairs` rows."""
         n = len(self.pairs["train"].cond)
         rows = self.pairs["train"].take(torch.randint(0, n, (self.s.batch,), generator=self.data_gen))
         self.net.flow.train()
-        loss = flow_loss(self.net, rows.cond.to(self.s.device), rows.text.to(self.s.device),
-                         rows.mel.to(self.s.device), self.noise_gen)
+        loss = self._flow_loss(rows, self.noise_gen)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.flow.parameters(), 1.0)
@@ -221,12 +221,10 @@ class Trainer:
         run, the flow loss of its validation pairs (with the same noise every time)."""
         gen = torch.Generator().manual_seed(12345)
         self.net.eval()
-        totals = []
         if self.pairs:
-            val = self.pairs["validation"]
             with torch.no_grad():
-                return float(flow_loss(self.net, val.cond.to(self.s.device), val.text.to(self.s.device),
-                                       val.mel.to(self.s.device), gen))
+                return float(self._flow_loss(self.pairs["validation"], gen))
+        totals = []
         with torch.no_grad():
             for i in range(self.s.val_windows):
                 conv = self._conversation(self.val_files[i % len(self.val_files)])

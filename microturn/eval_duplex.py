@@ -102,17 +102,15 @@ def play_teacher_forced(conv: Conversation, net: ReferenceNet) -> Played:
 
     from inference import dmel, tokenizer
     from inference.conversation import examples
-    from inference.kv_cache import AttentionPlan
     from inference.layout import TurnLayout
-    from inference.train import build_batch
+    from inference.train import build_batch, teacher_forced
     from inference.vocoder import GriffinLim
 
     cfg, on = net.cfg, next(net.parameters()).device
     batch = build_batch(TurnLayout.of(cfg), [examples(conv, cfg)])
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        h, _ = net(net.embed(batch.tokens.to(on)), AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink, on))
-        _, cond = net.teacher_forced(h[batch.rows.to(on)], batch.text_targets.to(on))
+        _, cond, _ = teacher_forced(net, batch)
         noise = torch.randn(len(cond), cfg.frames_per_turn * cfg.n_mels, generator=generator).to(on)
         mel = net.flow.sample(cond, batch.flow_text(cfg.flow_text_turns).to(on), noise, cfg.flow_steps).cpu()
         silent = batch.text_targets[:, 0] != tokenizer.SPEAK

@@ -16,7 +16,7 @@ from inference.flow_head import caption_context
 from inference.kv_cache import AttentionPlan
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
-from inference.train import TrainBatch, compute_losses, tone_task, train_step
+from inference.train import TrainBatch, compute_losses, teacher_forced, tone_task, train_step
 
 
 @pytest.fixture
@@ -63,9 +63,7 @@ def _sampled_mel(net: ReferenceNet, batch: TrainBatch) -> tuple[torch.Tensor, to
     """The flow head's samples (as the engine draws them) and the targets, for the micro-turns that speak."""
     net.eval()
     with torch.no_grad():
-        plan = AttentionPlan.full(batch.lengths, net.cfg.window, net.cfg.n_sink, "cpu")
-        h, _ = net(net.embed(batch.tokens), plan)
-        _, cond = net.teacher_forced(h[batch.rows], batch.text_targets)
+        _, cond, _ = teacher_forced(net, batch)
         speaking = batch.text_targets[:, 0] == tokenizer.SPEAK
         noise = torch.randn(int(speaking.sum()), net.cfg.frames_per_turn * net.cfg.n_mels,
                             generator=torch.Generator().manual_seed(2))
