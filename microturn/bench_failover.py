@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from microturn.client import RATE, ProbeClient
-from microturn.local import free_port, serve
+from microturn.local import free_port, serve, stop
 from webrtc_gateway.ice import use_host_addresses
 from webrtc_gateway.store import RedisSessionStore
 
@@ -101,10 +101,7 @@ def bench_failover(trials: int = 20, talk_s: float = 2.0, after_s: float = 1.0) 
             procs[owner].wait(10)
             procs[owner] = _gateway(redis_url, ports[owner], f"gw-{owner}")
     finally:
-        for proc in [*procs, redis]:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(10)
+        stop(*procs, redis)
         shutil.rmtree(workdir, ignore_errors=True)
     gaps = np.array([r["gap_ms"] for r in results if r["gap_ms"] is not None])
     return {

@@ -57,3 +57,12 @@ def worker(port: int, *args: str, worker_id: str | None = None) -> subprocess.Po
     extra = ["--worker-id", worker_id] if worker_id else []
     return _start(["worker", "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING", *extra, *args],
                   port)
+
+
+def stop(*procs: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM each of ``procs`` that still runs (gateways and workers drain on it), then wait for each."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        p.terminate()
+    for p in running:
+        p.wait(timeout)

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from microturn.client import RATE, ProbeClient
+from microturn.local import stop
 from tests.conftest import loopback_settings
 from tests.conftest import start_gateway as start_in_process
 from tests.test_resume import Gateway, start_gateway
@@ -130,10 +131,7 @@ async def test_a_gateway_crash_mid_task_then_resume_delivers_the_result_once(red
     finally:
         await client.close(delete=False)
         await raw.aclose()
-        for g in gateways:
-            if g.proc.poll() is None:
-                g.proc.terminate()
-                g.proc.wait(10)
+        stop(*(g.proc for g in gateways))
     assert client.resumes == 1, client.errors
     seen = [(e["name"], e["data"]["seq"]) for e in events(client, task["task_id"])]
     assert seen.count(("background_result", 4)) == 1

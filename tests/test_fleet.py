@@ -14,7 +14,7 @@ import pytest
 
 from microturn.bench_gateway import clicks, returned_at
 from microturn.client import ProbeClient
-from microturn.local import serve
+from microturn.local import serve, stop
 from tests.conftest import free_port
 from webrtc_gateway.forward import FORWARDED_BY
 
@@ -40,10 +40,7 @@ def start(redis_url: str, gateway_id: str, advertise: bool = True) -> Gateway:
 def fleet(redis_url: str) -> Iterator[tuple[Gateway, Gateway]]:
     pair = (start(redis_url, "gw-a"), start(redis_url, "gw-b"))
     yield pair
-    for g in pair:
-        if g.proc.poll() is None:
-            g.proc.terminate()
-            g.proc.wait(10)
+    stop(*(g.proc for g in pair))
 
 
 class OfferElsewhere(ProbeClient):

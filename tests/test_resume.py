@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from inference.tally import TallyModel
 from microturn.bench_failover import voice
 from microturn.client import ProbeClient
-from microturn.local import serve
+from microturn.local import serve, stop
 from tests.conftest import free_port
 from webrtc_gateway.store import RedisSessionStore, record_key
 from webrtc_gateway.tokens import TokenSigner
@@ -46,10 +46,7 @@ def start_gateway(redis_url: str, gateway_id: str, *extra: str) -> Gateway:
 def gateways(redis_url: str) -> Iterator[tuple[Gateway, Gateway]]:
     pair = (start_gateway(redis_url, "gw-a"), start_gateway(redis_url, "gw-b"))
     yield pair
-    for g in pair:
-        if g.proc.poll() is None:
-            g.proc.terminate()
-            g.proc.wait(10)
+    stop(*(g.proc for g in pair))
 
 
 async def expected_digests(redis_url: str, session_id: str) -> dict[int, str]:
