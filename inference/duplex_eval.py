@@ -17,7 +17,8 @@ user's is the generator's exact labels. Metrics:
 - ``answer_acc_audio``: spoken answers recognised by pocketsphinx (en-us, shipped in its wheel), constrained to the
   candidate answers of the test set: one of the model's utterances between the question's end and the user's next
   speech is recognised as the expected answer; ``answer_acc_text``: the captions of the answer
-  window contain it; ``visual_acc``: ``answer_acc_audio`` over the visual questions.
+  window contain it; ``visual_acc``: ``answer_acc_audio`` over the visual questions; ``answers_by_kind``: both
+  accuracies for each kind of question (arithmetic, counting, visual, …), to tell which ones the model gets.
 """
 
 from __future__ import annotations
@@ -182,6 +183,10 @@ def summarise(scores: list[ConversationScore]) -> dict[str, Any]:
         "answer_acc_audio": _ratio(sum(a[2] for a in answers), len(answers)),
         "answer_acc_text": _ratio(sum(a[3] for a in answers), len(answers)),
         "visual_acc": _ratio(sum(a[2] for a in visual), len(visual)),
+        "answers_by_kind": {kind: {"n": len(mine), "audio": _ratio(sum(a[2] for a in mine), len(mine)),
+                                   "text": _ratio(sum(a[3] for a in mine), len(mine))}
+                            for kind in sorted({a[0] for a in answers})
+                            for mine in [[a for a in answers if a[0] == kind]]},
         "n_conversations": len(scores),
     }
 

@@ -8,7 +8,9 @@ micro-turn alignment costs by design (see :mod:`microturn.client` for how receiv
 client's microphone is Opus-coded before the run, what comes back is decoded after it, and the load processes do not
 collect garbage while media flows: the clients' time goes to the network, and the measurement is the gateway's.
 Server counters come from its ``/metrics``; its CPU time (with ``--gateway-processes``, that of the front and
-of all its processes) from ``/proc``.
+of all its processes) from ``/proc``. To tell a slow run's causes apart, the JSON also says where the impulses slower
+than the 20-session bound were (at their session's start, the connect storm, or later, and in which seconds) and how
+much CPU time the host took from this virtual machine meanwhile (steal).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from microturn.local import free_port, serve
 from webrtc_gateway.ice import use_host_addresses
 
 MICRO_TURN_S = 0.2
+SLOW_MS = 100.0
+"""An impulse later than this (the 20-session p99 bound) is slow; the JSON says when and where the slow ones were."""
+START_S = 2.0
+"""A slow impulse within this many seconds of its session's first sample counts as one of the connect storm."""
 
 
 def clicks(seconds: float, times: list[float]) -> np.ndarray:
@@ -60,11 +66,26 @@ def returned_at(out: np.ndarray, sent: float) -> float | None:
     return (lo + int(np.argmax(window))) / RATE
 
 
-def measure(out: np.ndarray, times: list[float]) -> tuple[list[float], int]:
-    """Added latency (s) of each returned impulse, and how many never came back."""
+def measure(out: np.ndarray, times: list[float]) -> tuple[list[tuple[float, float]], int]:
+    """(send time, added latency) in s of each returned impulse, and how many never came back."""
     back = [(t, returned_at(out, t)) for t in times]
-    added = [r - t - MICRO_TURN_S for t, r in back if r is not None]
+    added = [(t, r - t - MICRO_TURN_S) for t, r in back if r is not None]
     return added, len(times) - len(added)
+
+
+def slow_impulses(sessions: list[list[tuple[float, float]]]) -> dict[str, Any]:
+    """Where the impulses slower than :data:`SLOW_MS` were: how many, how many in the first :data:`START_S` of
+    their session (the connect storm) and after, in how many sessions, and in which seconds of the run."""
+    slow = [(i, t) for i, added in enumerate(sessions) for t, a in added if a * 1000 > SLOW_MS]
+    return {"count": len(slow), "at_start": sum(t < START_S for _, t in slow),
+            "sessions": len({i for i, _ in slow}), "seconds": sorted({int(t) for _, t in slow})}
+
+
+def steal_seconds() -> float:
+    """CPU time this (virtual) machine's cores have waited for the host so far, all cores together (s)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def _prepare(url: str, seconds: float, video: bool, seed: int) -> tuple[ProbeClient, list[float]]:
@@ -158,14 +179,14 @@ def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False,
         print(f"bench: {sessions} sessions × {seconds:.0f} s against {url} ({gateway_processes} gateway "
               f"process{'es' if gateway_processes > 1 else ''})", file=sys.stderr, flush=True)
         before = _metrics(url)
-        cpu0 = _cpu_seconds(server.pid)
+        cpu0, steal0 = _cpu_seconds(server.pid), steal_seconds()
         processes = max(1, min(processes, sessions))
         shares = [sessions // processes + (i < sessions % processes) for i in range(processes)]
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(processes) as pool:
             jobs = [pool.apply_async(_client_process, (url, n, seconds, video, i)) for i, n in enumerate(shares)]
             results = [r for job in jobs for r in job.get(timeout=seconds + 120)]
-        cpu = _cpu_seconds(server.pid) - cpu0
+        cpu, steal = _cpu_seconds(server.pid) - cpu0, steal_seconds() - steal0
         after = _metrics(url)
     finally:
         server.terminate()
@@ -173,7 +194,7 @@ def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False,
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
-    added = np.array([a for r in results for a in r["added"]]) * 1000
+    added = np.array([a for r in results for _, a in r["added"]]) * 1000
 
     def delta(name: str) -> int:
         return int(after.get(name, 0) - before.get(name, 0))
@@ -197,6 +218,8 @@ def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False,
                              if added.size else None},
         "impulses": int(added.size),
         "impulses_lost": sum(r["lost"] for r in results),
+        "slow_impulses": slow_impulses([r["added"] for r in results]),
+        "steal_seconds": round(steal, 1),
         "cpu_seconds_per_session_second": round(cpu / (sessions * seconds), 4),
         "gateway_processes": gateway_processes,
         "model": model,

@@ -130,7 +130,7 @@ def _eval(args: argparse.Namespace) -> int:
     from microturn.eval_duplex import eval_duplex
 
     result = eval_duplex(args.checkpoint, args.set, via=args.via, limit=args.limit, plot=args.plot,
-                         device=args.device, model=args.model)
+                         device=args.device, model=args.model, seed=args.seed)
     print(json.dumps(result))
     return 0
 
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     duplex.add_argument("--limit", type=int, help="at most this many conversations")
     duplex.add_argument("--plot", type=Path, help="write a timeline PNG of user vs model speech here")
     duplex.add_argument("--device", default="cpu")
+    duplex.add_argument("--seed", type=int, default=0,
+                        help="sampling seed of every offline session (through WebRTC the gateway draws them)")
     duplex.set_defaults(func=_eval)
 
     data = sub.add_parser("data", help="make training and evaluation data")

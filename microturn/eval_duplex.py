@@ -34,9 +34,10 @@ def _test_files(set_dir: Path) -> list[Path]:
     return conversations(set_dir / "test") if (set_dir / "test").is_dir() else conversations(set_dir)
 
 
-def play_offline(conv: Conversation, model: Any, session_id: str = "eval") -> Played:
-    """Step ``model`` (a :class:`~microturn.contracts.ModelBackend`) through the conversation."""
-    model.open(session_id, 0)
+def play_offline(conv: Conversation, model: Any, session_id: str = "eval", seed: int = 0) -> Played:
+    """Step ``model`` (a :class:`~microturn.contracts.ModelBackend`) through the conversation, its session seeded
+    ``seed`` (the gateway draws a random one)."""
+    model.open(session_id, seed)
     audio = np.zeros(len(conv.user_audio) + MICRO_TURN_SAMPLES, np.float32)
     captions: dict[int, str] = {}
     try:
@@ -121,11 +122,12 @@ def play_teacher_forced(conv: Conversation, net: ReferenceNet) -> Played:
 
 
 def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", limit: int | None = None,
-                plot: Path | None = None, device: str = "cpu", model: str = "reference") -> dict[str, Any]:
+                plot: Path | None = None, device: str = "cpu", model: str = "reference",
+                seed: int = 0) -> dict[str, Any]:
     """Score the model on the test conversations of ``set_dir``; returns the JSON ``eval duplex`` prints.
     ``model`` ``echo`` (no checkpoint) is the diagnostic: its speech is the user's, one micro-turn later; ``oracle``
     scores the conversations' own targets (the best a model can get); ``teacher-forced`` the checkpoint's audio head
-    alone (:func:`play_teacher_forced`)."""
+    alone (:func:`play_teacher_forced`). ``seed`` seeds every offline session's sampling."""
     files = _test_files(set_dir)[:limit]
     convs = [Conversation.load(f) for f in files]
     recognise = Recogniser(candidates([c.meta for c in convs]))
@@ -143,7 +145,7 @@ def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", li
     elif via == "offline":
         backend = load_backend(model, checkpoint, device)
         for i, conv in enumerate(convs):
-            played.append(play_offline(conv, backend, f"eval-{i}"))
+            played.append(play_offline(conv, backend, f"eval-{i}", seed))
             print(f"\reval: {i + 1}/{len(convs)} conversations", end="", file=sys.stderr, flush=True)
     elif via == "webrtc":
         use_host_addresses(["127.0.0.1"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from microturn.bench_gateway import bench_gateway
+from microturn.bench_gateway import bench_gateway, slow_impulses
 from microturn.config import Settings
 from microturn.local import serve
 from tests.conftest import free_port
@@ -66,6 +66,14 @@ def test_bench_gateway_reports_every_field(gateway_processes: int) -> None:
     assert result["frames_out"] * FRAME_S >= 2 * 3.0
     assert result["impulses"] >= 4 and result["added_latency_ms"]["p50"] is not None
     assert 0 < result["cpu_seconds_per_session_second"] < 2
+    assert result["slow_impulses"]["count"] <= result["impulses"]
+    assert result["steal_seconds"] >= 0
+
+
+def test_slow_impulses_say_when_and_where() -> None:
+    sessions = [[(0.7, 0.020), (1.5, 0.140), (30.2, 0.101)], [(0.9, 0.099), (12.0, 0.020)], [(41.6, 0.250)]]
+    assert slow_impulses(sessions) == {"count": 3, "at_start": 1, "sessions": 2, "seconds": [1, 30, 41]}
+    assert slow_impulses([[(1.0, 0.02)], []]) == {"count": 0, "at_start": 0, "sessions": 0, "seconds": []}
 
 
 def test_settings_come_from_environment_then_flags() -> None:

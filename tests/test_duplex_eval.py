@@ -95,6 +95,7 @@ def test_spoken_answers_are_recognised_among_the_candidates(tmp_path: Path) -> N
     wrong = score(meta, Played(wrong_audio), recognise)
     summary = summarise([right, wrong])
     assert summary["answer_acc_audio"] == 0.5 and summary["visual_acc"] == 0.5
+    assert summary["answers_by_kind"] == {"visual": {"n": 2, "audio": 0.5, "text": 0.0}}
 
 
 async def test_the_runner_plays_conversations_time_aligned_through_webrtc_and_offline(tmp_path: Path) -> None:
