@@ -12,6 +12,7 @@ import pytest
 from webrtc_gateway.playout import (
     FRAME_S,
     FRAME_SAMPLES,
+    MAX_BEHIND,
     QUICK_OUTPUTS,
     RECUR_OUTPUTS,
     TRACK_OUTPUTS,
@@ -25,12 +26,12 @@ PER_TURN = round(0.2 / FRAME_S)  # frames in one micro-turn of output
 
 def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, track_step_s: float = 0.010,
              quiet_after: int = 5, seed: int = 0, late: dict[int, float] | None = None,
-             stall: tuple[float, float] = (0.0, 0.0)) -> tuple[list[float], list[float], list[float], int]:
+             stall: tuple[float, float] = (0.0, 0.0)) -> tuple[list[float], list[float], list[float], int, list[int]]:
     """Model output (one micro-turn of frames: a sound, then silence) lands every 200 ms plus a random lateness
     (plus ``late[k]`` for output ``k``); a sender loop follows the same rules as PlayoutTrack.recv and push. During
     ``stall`` (start, seconds) the event loop is stuck: nothing is sent, and output that comes is taken after it.
-    Returns send times, output arrival times, when each output's sound was sent, and underrun frames, in simulated
-    seconds."""
+    Returns send times, output arrival times, when each output's sound was sent (in simulated seconds), underrun
+    frames, and each sent frame's timestamp (in frames)."""
     rng = random.Random(seed)
     schedule = FrameSchedule(track_step_s)
     margin = Margin()
@@ -41,6 +42,7 @@ def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, track_
     sounded = [0.0] * len(arrivals)
     landed, now, speaking, missed, underruns = 0, 0.0, False, 0, 0
     sent: list[float] = []
+    stamps: list[int] = []
     while landed < len(arrivals) or queue:  # until the last output has drained
         due = schedule.due(now)
         at, restart = due, False
@@ -74,13 +76,14 @@ def simulate(minutes: float, jitter_s: float, tolerance_s: float = 0.015, track_
             underruns, missed = underruns + 1, missed + 1
             margin.underrun()
             speaking = missed < quiet_after
-        schedule.sent(now, restart)
+        skipped = schedule.sent(now, restart)
+        stamps.append(stamps[-1] + 1 + skipped if stamps else 0)
         sent.append(now)
-    return sent, arrivals, sounded, underruns
+    return sent, arrivals, sounded, underruns, stamps
 
 
 def test_ten_minutes_without_drift() -> None:
-    sent, arrivals, sounded, underruns = simulate(minutes=10, jitter_s=0.010)
+    sent, arrivals, sounded, underruns, _ = simulate(minutes=10, jitter_s=0.010)
     after_first = [t for t in sent if t >= arrivals[0]]
     media = len(after_first) * FRAME_S
     elapsed = after_first[-1] - after_first[0] + FRAME_S
@@ -92,7 +95,7 @@ def test_ten_minutes_without_drift() -> None:
 
 
 def test_late_output_beyond_tolerance_counts_underruns_but_never_outpaces_real_time() -> None:
-    sent, arrivals, sounded, underruns = simulate(minutes=2, jitter_s=0.060, seed=3)
+    sent, arrivals, sounded, underruns, _ = simulate(minutes=2, jitter_s=0.060, seed=3)
     assert underruns > 0
     speaking = np.array([t for t in sent if t >= arrivals[0]])
     # no bursts: a frame late by at most the tolerance, then the next on a grid that moved at most a step earlier
@@ -104,7 +107,7 @@ def test_late_output_beyond_tolerance_counts_underruns_but_never_outpaces_real_t
 
 def test_late_output_leaves_the_grid_with_the_output() -> None:
     # output 100 lands 70 ms late (past the tolerance: an underrun), the others within 5 ms of their time
-    sent, arrivals, sounded, underruns = simulate(minutes=1, jitter_s=0.005, late={100: 0.070})
+    sent, arrivals, sounded, underruns, _ = simulate(minutes=1, jitter_s=0.005, late={100: 0.070})
     assert underruns >= 1
     lag = np.subtract(sounded, arrivals)
     assert lag[:100].max() <= 0.005 + 1e-9
@@ -118,8 +121,8 @@ def test_late_output_that_recurs_keeps_its_margin_longer() -> None:
     # outputs 100 and 110 land 70 ms late: the second underrun follows the first within RECUR_OUTPUTS, so the margin
     # it leaves is kept for TRACK_OUTPUTS outputs, and absorbs output 115, late as much, without an underrun
     assert RECUR_OUTPUTS > 110 - 100
-    _, arrivals, sounded, underruns = simulate(minutes=1, jitter_s=0.005, late={100: 0.070, 110: 0.070})
-    _, _, _, underruns_3 = simulate(minutes=1, jitter_s=0.005, late={100: 0.070, 110: 0.070, 115: 0.070})
+    _, arrivals, sounded, underruns, _ = simulate(minutes=1, jitter_s=0.005, late={100: 0.070, 110: 0.070})
+    _, _, _, underruns_3, _ = simulate(minutes=1, jitter_s=0.005, late={100: 0.070, 110: 0.070, 115: 0.070})
     assert underruns_3 == underruns
     lag = np.subtract(sounded, arrivals)
     assert lag[104:110].max() <= 0.005 + 1e-9  # the first was isolated: won back after QUICK_OUTPUTS
@@ -151,7 +154,7 @@ def test_margin_hold_depends_on_whether_underruns_recur() -> None:
 
 
 def test_a_talk_spurt_that_started_late_does_not_keep_later_output_waiting() -> None:
-    sent, arrivals, sounded, _ = simulate(minutes=1, jitter_s=0.005, late={0: 0.030})  # the grid starts 30 ms late
+    sent, arrivals, sounded, _, _ = simulate(minutes=1, jitter_s=0.005, late={0: 0.030})  # the grid starts 30 ms late
     lag = np.subtract(sounded, arrivals)
     assert lag[1] > 0.020
     assert lag[3 * TRACK_OUTPUTS + 1:].max() <= 0.005 + 1e-9  # three steps later the grid is with the output
@@ -159,15 +162,34 @@ def test_a_talk_spurt_that_started_late_does_not_keep_later_output_waiting() -> 
 
 def test_a_stalled_sender_catches_up_without_moving_its_timestamps() -> None:
     # the sender cannot send for 70 ms at 20 s (the event loop stalled)
-    sent, arrivals, sounded, _ = simulate(minutes=1, jitter_s=0.005, stall=(20.0, 0.070))
+    sent, arrivals, sounded, _, stamps = simulate(minutes=1, jitter_s=0.005, stall=(20.0, 0.070))
     times = np.array(sent)
+    assert stamps == list(range(len(stamps)))  # it caught up: no slot skipped
     # a receiver plays frame n at n * 40 ms plus a fixed delay: how late each frame is against that
-    offset = times - FRAME_S * np.arange(len(times))
+    offset = times - FRAME_S * np.array(stamps)
     before = np.median(offset[(times > 10) & (times < 19)])
     assert np.median(offset[(times > 25) & (times < 35)]) == pytest.approx(before, abs=0.005)
     assert 0.030 < offset.max() - before <= 0.070 + 1e-9  # only the frames the stall held up were late
     lag = np.subtract(sounded, arrivals)
     assert lag[np.array(arrivals) > 21].max() <= 0.005 + 1e-9
+
+
+def test_a_long_stall_skips_its_slots_so_timestamps_keep_their_arrival_times() -> None:
+    # the event loop stalls for 300 ms at 20 s: more than MAX_BEHIND frames, so the sender cannot catch up
+    sent, arrivals, sounded, _, stamps = simulate(minutes=1, jitter_s=0.005, stall=(20.0, 0.300))
+    times = np.array(sent)
+    steps = np.diff(stamps)
+    jump = int(steps.argmax())
+    assert steps[jump] - 1 > MAX_BEHIND  # it skipped the slots it missed
+    offset = times - FRAME_S * np.array(stamps)
+    before = np.median(offset[(times > 10) & (times < 19)])
+    # against its timestamps, the frame after the stall is late by less than a frame, and the frames after it are
+    # on the grid of before: a receiver's delay estimate does not step by the stall
+    assert 0 <= offset[jump + 1] - before < FRAME_S
+    assert np.abs(offset[jump + 2:] - before).max() <= 0.005
+    # what queued up meanwhile is won back a few outputs later
+    lag = np.subtract(sounded, arrivals)
+    assert lag[np.array(arrivals) > 20.3 + (QUICK_OUTPUTS + 1) * 0.2].max() <= 0.005 + 1e-9
 
 
 async def test_track_sends_buffered_audio_then_silence() -> None:

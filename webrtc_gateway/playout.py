@@ -15,7 +15,9 @@ micro-turn, paced by the browser's own audio clock, and the grid follows its pha
   would have landed by their frames' due times: it follows a phase that was set by one unlucky output, or that drifts
   with the browser's clock, without chasing jitter;
 - a sender that fell behind its grid (the event loop stalled) sends the overdue frames back to back instead of
-  dropping their slots, up to :data:`MAX_BEHIND` frames.
+  dropping their slots, up to :data:`MAX_BEHIND` frames; further behind, it skips the slots it missed, and the RTP
+  timestamps jump over them: time went on while it sent nothing, so a receiver's delay estimate does not step by
+  the stall (a browser's jitter buffer would take such a step for a burst of lateness and hold more delay).
 
 Latency that late output added to the model's audio (its frames queued behind an underrun) is kept while it is of
 use: it is the margin that absorbs the next late output. Like a jitter buffer's peak detector, how long it is kept
@@ -77,14 +79,21 @@ class FrameSchedule:
             self._anchor += max(-self.track_step, min(self.track_step, sorted(self._lateness)[-2]))
             self._lateness.clear()
 
-    def sent(self, at: float, restart: bool = False) -> None:
+    def sent(self, at: float, restart: bool = False) -> int:
         """A frame left at ``at``; ``restart`` starts the grid there (a talk spurt began). A sender behind its grid
-        catches up frame by frame, unless it is more than :data:`MAX_BEHIND` frames behind: then the grid restarts
-        at ``at``."""
-        if self._anchor is None or restart or at > self.due(at) + MAX_BEHIND * FRAME_S:
+        catches up frame by frame, unless it is more than :data:`MAX_BEHIND` frames behind: then it skips the slots
+        it missed, and this frame takes the last of them (it is late by less than a frame). Returns how many slots
+        were skipped: the RTP timestamps jump over them, as over any gap in a live source, so the grid and a
+        receiver's mapping of timestamps to arrival times stay where they were instead of stepping by the stall."""
+        skipped = 0
+        if self._anchor is None or restart:
             self._anchor, self._count = at, 0
             self._lateness.clear()
+        elif at > self.due(at) + MAX_BEHIND * FRAME_S:
+            skipped = int((at - self.due(at)) // FRAME_S)
+            self._count += skipped
         self._count += 1
+        return skipped
 
 
 class Margin:
@@ -201,7 +210,7 @@ class PlayoutTrack(MediaStreamTrack):
                 self._margin.underrun()
                 self._missed += 1
                 self.speaking = self._missed < self.quiet_after
-        self.schedule.sent(self._clock(), restart)
+        self._pts += self.schedule.sent(self._clock(), restart) * FRAME_SAMPLES
         return self._frame(samples)
 
     def _frame(self, samples: np.ndarray) -> av.AudioFrame:
