@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.duplex_eval import Played, Recogniser, score, speech_spans, spoken, summarise
+from inference.duplex_eval import ConversationScore, Played, Recogniser, score, speech_spans, spoken, summarise
 
 SR = 16_000
 
@@ -96,6 +96,13 @@ def test_spoken_answers_are_recognised_among_the_candidates(tmp_path: Path) -> N
     summary = summarise([right, wrong])
     assert summary["answer_acc_audio"] == 0.5 and summary["visual_acc"] == 0.5
     assert summary["answers_by_kind"] == {"visual": {"n": 2, "audio": 0.5, "text": 0.0}}
+
+
+def test_answers_are_split_by_kind() -> None:
+    answers = [("arithmetic", "five", True, True), ("arithmetic", "six", False, True), ("visual", "red", False, False)]
+    assert summarise([ConversationScore(answers=answers[:2]), ConversationScore(answers=answers[2:])])[
+        "answers_by_kind"] == {"arithmetic": {"n": 2, "audio": 0.5, "text": 1.0},
+                               "visual": {"n": 1, "audio": 0.0, "text": 0.0}}
 
 
 async def test_the_runner_plays_conversations_time_aligned_through_webrtc_and_offline(tmp_path: Path) -> None:

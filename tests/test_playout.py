@@ -95,12 +95,12 @@ def test_ten_minutes_without_drift() -> None:
 
 
 def test_late_output_beyond_tolerance_counts_underruns_but_never_outpaces_real_time() -> None:
-    sent, arrivals, sounded, underruns, _ = simulate(minutes=2, jitter_s=0.060, seed=3)
+    sent, arrivals, sounded, underruns, stamps = simulate(minutes=2, jitter_s=0.060, seed=3)
     assert underruns > 0
     speaking = np.array([t for t in sent if t >= arrivals[0]])
     # no bursts: a frame late by at most the tolerance, then the next on a grid that moved at most a step earlier
     assert np.all(np.diff(speaking) >= FRAME_S - 0.015 - 0.010 - 1e-9)
-    offset = speaking - FRAME_S * np.arange(len(speaking))  # against the timestamps' clock
+    offset = speaking - FRAME_S * np.array(stamps[-len(speaking):])  # against the timestamps' clock
     assert np.ptp(offset) <= 0.060 + 0.015 + 1e-9  # the grid stays within the output's jitter: no drift
     assert np.subtract(sounded, arrivals).max() <= 0.060 + FRAME_S  # latency stays bounded by the jitter
 
@@ -190,6 +190,14 @@ def test_a_long_stall_skips_its_slots_so_timestamps_keep_their_arrival_times() -
     # what queued up meanwhile is won back a few outputs later
     lag = np.subtract(sounded, arrivals)
     assert lag[np.array(arrivals) > 20.3 + (QUICK_OUTPUTS + 1) * 0.2].max() <= 0.005 + 1e-9
+
+
+def test_a_talk_spurt_that_starts_after_a_stall_also_skips_the_missed_slots() -> None:
+    schedule = FrameSchedule()
+    for k in range(10):
+        assert schedule.sent(k * FRAME_S) == 0  # on the grid
+    assert schedule.sent(10 * FRAME_S - 0.010, restart=True) == 0  # a talk spurt that starts early: no gap
+    assert schedule.sent(schedule.due(0.0) + 0.300, restart=True) == int(0.300 // FRAME_S)
 
 
 async def test_track_sends_buffered_audio_then_silence() -> None:

@@ -18,7 +18,7 @@ from microturn.client import RATE, ProbeClient
 from microturn.local import serve, stop
 from tests.conftest import free_port
 
-SECONDS = 12.0
+SECONDS = 14.0
 STALL_AT, STALL_S = 5.0, 0.3
 
 
@@ -38,30 +38,35 @@ def stall(pid: int, seconds: float) -> None:
     os.kill(pid, signal.SIGCONT)
 
 
+@pytest.mark.slow
 async def test_a_stalled_gateway_keeps_its_timestamps_and_wins_the_latency_back(gateway: tuple[str, int]) -> None:
     url, pid = gateway
     times = [0.8 + 0.45 * i for i in range(int((SECONDS - 1.5) / 0.45))]
     client = ProbeClient(url, clicks(SECONDS, times))
     try:
         await client.connect()
-        await asyncio.sleep(max(0.0, STALL_AT - client.now()))
+        while client.now() < STALL_AT:  # the microphone's clock (it starts with the first frame sent)
+            await asyncio.sleep(0.05)
+        stalled_at = client.now()
         stopper = threading.Thread(target=stall, args=(pid, STALL_S))
         stopper.start()
         await asyncio.sleep(max(0.0, SECONDS - client.now()))
         stopper.join()
     finally:
         await client.close()
-    # how late each packet arrived against its RTP timestamp: the same before and after the stall (a sender that
-    # kept counting timestamps through it would have stepped by the stall, and a receiver would keep that delay)
+    # how late each packet arrived against its RTP timestamp: the same before and after the stall, within what the
+    # grid's phase tracking may move meanwhile (a sender that kept counting timestamps through the stall would have
+    # stepped by all of it, and a receiver would keep that delay)
     start0 = client.mic.start or 0.0
     late = np.array([(arrival - start0, arrival - start0 - pts / RATE) for arrival, pts, _, _ in client.audio()])
-    before = np.median(late[(late[:, 0] > 2) & (late[:, 0] < STALL_AT - 0.5), 1])
-    after = np.median(late[late[:, 0] > STALL_AT + 2, 1])
-    assert abs(after - before) < 0.020, f"arrival against timestamps moved by {after - before:.3f} s"
-    # the echo: every click before the stall and from a second after it comes back on time
+    before = np.median(late[(late[:, 0] > 2) & (late[:, 0] < stalled_at - 0.5), 1])
+    after = np.median(late[late[:, 0] > stalled_at + 3, 1])
+    assert abs(after - before) < STALL_S / 3, f"arrival against timestamps moved by {after - before:.3f} s"
+    # the echo: every click before the stall, and from when the latency it queued has been won back (2 s at most,
+    # if late output recurred), comes back on time
     out = client.output(SECONDS)
     for t in times:
-        if not STALL_AT - 0.3 < t < STALL_AT + STALL_S + 1.0:
+        if not stalled_at - 0.3 < t < stalled_at + STALL_S + 2.5:
             back = returned_at(out, t)
             assert back is not None, f"the click at {t:.2f} s did not come back"
             assert back - t - MICRO_TURN_S < 0.08, f"the click at {t:.2f} s came back {back - t:.3f} s later"

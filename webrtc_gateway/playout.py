@@ -1,7 +1,8 @@
 """Egress audio: the playout buffer and the outbound track that paces it in 40 ms frames at 48 kHz.
 
 The buffer holds only what the model produced. Frames leave on a 40 ms grid, send times ``anchor + n * 40 ms``
-from an integer frame count, and RTP timestamps advance exactly 1920 a frame. A receiver plays each packet at its
+from an integer frame count, and RTP timestamps advance 1920 a frame (and 1920 for each slot a stalled sender
+missed). A receiver plays each packet at its
 timestamp plus a playout delay that has to cover how late packets arrive against their timestamps, so within a
 talk spurt the grid stays put: a late frame is sent late, not the whole stream. Model output arrives once per
 micro-turn, paced by the browser's own audio clock, and the grid follows its phase:
@@ -49,7 +50,7 @@ RATE = 48_000
 FRAME_SAMPLES = 1920  # 40 ms: one Opus packet
 FRAME_S = FRAME_SAMPLES / RATE
 TIME_BASE = fractions.Fraction(1, RATE)
-MAX_BEHIND = 2  # frames a stalled sender sends back to back to get back on its grid; further behind, it restarts
+MAX_BEHIND = 2  # frames a stalled sender sends back to back to get back on its grid; further behind, it misses slots
 TRACK_OUTPUTS = 10  # outputs (2 s) the grid's phase is measured over before it moves; margin kept if late output recurs
 QUICK_OUTPUTS = 3  # outputs (0.6 s) the margin an isolated underrun left is kept
 RECUR_OUTPUTS = 50  # an underrun within this many outputs (10 s) of the one before: late output recurs
@@ -81,19 +82,21 @@ class FrameSchedule:
 
     def sent(self, at: float, restart: bool = False) -> int:
         """A frame left at ``at``; ``restart`` starts the grid there (a talk spurt began). A sender behind its grid
-        catches up frame by frame, unless it is more than :data:`MAX_BEHIND` frames behind: then it skips the slots
-        it missed, and this frame takes the last of them (it is late by less than a frame). Returns how many slots
-        were skipped: the RTP timestamps jump over them, as over any gap in a live source, so the grid and a
-        receiver's mapping of timestamps to arrival times stay where they were instead of stepping by the stall."""
-        skipped = 0
+        catches up frame by frame, unless it is more than :data:`MAX_BEHIND` frames behind: then it misses the slots
+        it could not send in, and this frame takes the last of them (it is late by less than a frame). Returns how
+        many slots were missed: the RTP timestamps jump over them, as over any gap in a live source, so the grid and
+        a receiver's mapping of timestamps to arrival times stay where they were instead of stepping by the stall."""
+        missed = 0
+        if self._anchor is not None:
+            behind = at - self.due(at)
+            missed = int(behind // FRAME_S) if behind > MAX_BEHIND * FRAME_S else 0
         if self._anchor is None or restart:
             self._anchor, self._count = at, 0
             self._lateness.clear()
-        elif at > self.due(at) + MAX_BEHIND * FRAME_S:
-            skipped = int((at - self.due(at)) // FRAME_S)
-            self._count += skipped
+        else:
+            self._count += missed
         self._count += 1
-        return skipped
+        return missed
 
 
 class Margin:
