@@ -45,7 +45,7 @@ GAUGES = {
 COUNTERS = {
     "microturn_micro_turns_total", "microturn_late_micro_turns_total", "microturn_frames_out_total",
     "microturn_underrun_frames_total", "microturn_worker_reassignments_total", "microturn_engine_ticks_total",
-    "microturn_engine_late_ticks_total", "microturn_gateway_process_restarts_total",
+    "microturn_engine_late_ticks_total", "microturn_gateway_process_restarts_total", "microturn_missed_slots_total",
 }
 HISTOGRAMS = {
     "microturn_micro_turn_seconds", "microturn_worker_hop_seconds", "microturn_engine_tick_seconds",

@@ -8,15 +8,18 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from microturn.bench_gateway import MICRO_TURN_S, clicks, returned_at
 from microturn.client import RATE, ProbeClient
 from microturn.local import serve, stop
 from tests.conftest import free_port
+from webrtc_gateway.playout import FRAME_S, MAX_BEHIND
 
 SECONDS = 14.0
 STALL_AT, STALL_S = 5.0, 0.3
@@ -28,6 +31,12 @@ def gateway() -> Iterator[tuple[str, int]]:
     proc = serve(port, "--model", "echo")
     yield f"http://127.0.0.1:{port}", proc.pid
     stop(proc)
+
+
+def missed_slots(url: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        families = text_string_to_metric_families(resp.read().decode())
+        return next(s.value for f in families for s in f.samples if s.name == "microturn_missed_slots_total")
 
 
 def stall(pid: int, seconds: float) -> None:
@@ -52,8 +61,11 @@ async def test_a_stalled_gateway_keeps_its_timestamps_and_wins_the_latency_back(
         stopper.start()
         await asyncio.sleep(max(0.0, SECONDS - client.now()))
         stopper.join()
+        missed = missed_slots(url)
     finally:
         await client.close()
+    # the gateway counted the slots its track missed (the stall less the two frames it may catch up)
+    assert missed >= round(STALL_S / FRAME_S) - MAX_BEHIND - 1
     # how late each packet arrived against its RTP timestamp: the same before and after the stall, within what the
     # grid's phase tracking may move meanwhile (a sender that kept counting timestamps through the stall would have
     # stepped by all of it, and a receiver would keep that delay)

@@ -82,6 +82,7 @@ class Totals:
     late_micro_turns: int = 0
     frames_out: int = 0
     underrun_frames: int = 0
+    missed_slots: int = 0
     turns_not_stepped: int = 0
 
 
@@ -214,6 +215,7 @@ class Gateway:
         t.late_micro_turns += session.clock.late
         t.frames_out += session.playout.frames_out
         t.underrun_frames += session.playout.underrun_frames
+        t.missed_slots += session.playout.missed_slots
         t.turns_not_stepped += session.turns_not_stepped
         if session.keep_state:
             return  # the browser may resume it here or elsewhere; the store's TTL ends it otherwise

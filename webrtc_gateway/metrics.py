@@ -12,6 +12,8 @@ counts (plain integers and :class:`~microturn.histogram.Histogram`). Names and m
 ``microturn_turns_not_stepped_total``       micro-turns the engine could not step (silence, not in the context)
 ``microturn_frames_out_total``              40 ms audio frames sent to browsers
 ``microturn_underrun_frames_total``         frames sent as silence because model output was late
+``microturn_missed_slots_total``            40 ms frame slots outbound tracks missed because their process
+                                            stalled (its event loop could not run); timestamps jump over them
 ``microturn_micro_turn_seconds``            histogram: micro-turn submitted → its output back at the gateway
 ``microturn_peer_packet_loss_ratio``        inbound audio packet loss of live sessions (``quantile`` over them)
 ``microturn_peer_jitter_seconds``           inbound audio interarrival jitter (``quantile`` over live sessions)
@@ -71,6 +73,8 @@ class GatewayCollector(Collector):
                       t.frames_out + sum(s.playout.frames_out for s in live))
         yield counter("microturn_underrun_frames", "Frames sent as silence because output was late",
                       t.underrun_frames + sum(s.playout.underrun_frames for s in live))
+        yield counter("microturn_missed_slots", "Frame slots outbound tracks missed because their process stalled",
+                      t.missed_slots + sum(s.playout.missed_slots for s in live))
         yield histogram("microturn_micro_turn_seconds", "Micro-turn submitted to output back", g.turn_latency)
         peers = [s.peer for s in live if s.peer is not None]
         yield _quantiles("microturn_peer_packet_loss_ratio", "Inbound audio packet loss of live sessions",

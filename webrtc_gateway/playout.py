@@ -147,6 +147,7 @@ class PlayoutTrack(MediaStreamTrack):
         self.underrun_frames = 0  # silence sent while the model was speaking, because its output was late
         self.overrun_samples = 0  # output dropped because the buffer was full
         self.skipped_frames = 0  # silent frames dropped to win back latency
+        self.missed_slots = 0  # frame slots missed because the sender stalled (the timestamps jump over them)
         self.speaking = False  # output is flowing; cleared after quiet_after underruns or by stop_speaking()
         self._missed = 0  # consecutive underrun frames
         self._margin = Margin()
@@ -213,7 +214,9 @@ class PlayoutTrack(MediaStreamTrack):
                 self._margin.underrun()
                 self._missed += 1
                 self.speaking = self._missed < self.quiet_after
-        self._pts += self.schedule.sent(self._clock(), restart) * FRAME_SAMPLES
+        missed = self.schedule.sent(self._clock(), restart)
+        self.missed_slots += missed
+        self._pts += missed * FRAME_SAMPLES
         return self._frame(samples)
 
     def _frame(self, samples: np.ndarray) -> av.AudioFrame:
