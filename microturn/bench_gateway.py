@@ -9,8 +9,9 @@ client's microphone is Opus-coded before the run, what comes back is decoded aft
 collect garbage while media flows: the clients' time goes to the network, and the measurement is the gateway's.
 Server counters come from its ``/metrics``; its CPU time (with ``--gateway-processes``, that of the front and
 of all its processes) from ``/proc``. To tell a slow run's causes apart, the JSON also says where the impulses slower
-than the 20-session bound were (at their session's start, the connect storm, or later, and in which seconds) and how
-much CPU time the host took from this virtual machine meanwhile (steal).
+than the 20-session bound were (at their session's start, the connect storm, or later, and in which seconds), how
+many frame slots the gateway's tracks missed because a process stalled, and how much CPU time the host took from
+this virtual machine meanwhile (steal).
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False,
         "micro_turns": delta("microturn_micro_turns_total"),
         "late_micro_turns": delta("microturn_late_micro_turns_total"),
         "underrun_frames": delta("microturn_underrun_frames_total"),
+        "missed_slots": delta("microturn_missed_slots_total"),
         "frames_out": delta("microturn_frames_out_total"),
         "added_latency_ms": {"p50": pct(50), "p99": pct(99), "max": round(float(added.max()), 1)
                              if added.size else None},

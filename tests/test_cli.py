@@ -67,6 +67,7 @@ def test_bench_gateway_reports_every_field(gateway_processes: int) -> None:
     assert result["impulses"] >= 4 and result["added_latency_ms"]["p50"] is not None
     assert 0 < result["cpu_seconds_per_session_second"] < 2
     assert result["slow_impulses"]["count"] <= result["impulses"]
+    assert result["missed_slots"] >= 0
     assert result["steal_seconds"] >= 0
 
 
