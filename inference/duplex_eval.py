@@ -173,7 +173,8 @@ def _ratio(num: int, den: int) -> float | None:
 def summarise(scores: list[ConversationScore]) -> dict[str, Any]:
     """The JSON ``microturn eval duplex`` prints."""
     answers = [a for s in scores for a in s.answers]
-    visual = [a for a in answers if a[0] == "visual"]
+    by_kind = {kind: [a for a in answers if a[0] == kind] for kind in sorted({a[0] for a in answers})}
+    visual = by_kind.get("visual", [])
     return {
         "pause_tor": _ratio(sum(s.pause_takeovers for s in scores), sum(s.pauses for s in scores)),
         "turn_tor": _ratio(sum(s.turn_takeovers for s in scores), sum(s.turns for s in scores)),
@@ -185,8 +186,7 @@ def summarise(scores: list[ConversationScore]) -> dict[str, Any]:
         "visual_acc": _ratio(sum(a[2] for a in visual), len(visual)),
         "answers_by_kind": {kind: {"n": len(mine), "audio": _ratio(sum(a[2] for a in mine), len(mine)),
                                    "text": _ratio(sum(a[3] for a in mine), len(mine))}
-                            for kind in sorted({a[0] for a in answers})
-                            for mine in [[a for a in answers if a[0] == kind]]},
+                            for kind, mine in by_kind.items()},
         "n_conversations": len(scores),
     }
 

@@ -150,7 +150,7 @@ def _cpu_seconds(pid: int) -> float:
     return sum(ppids[p][1] for p in tree if p in ppids)
 
 
-def _metrics(url: str) -> dict[str, float]:
+def gateway_metrics(url: str) -> dict[str, float]:
     """The gateway's unlabelled counters and quantiles. Behind a front every sample also has a ``process`` label:
     counters are summed over the processes, quantiles are the largest of them."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
@@ -179,7 +179,7 @@ def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False,
     try:
         print(f"bench: {sessions} sessions × {seconds:.0f} s against {url} ({gateway_processes} gateway "
               f"process{'es' if gateway_processes > 1 else ''})", file=sys.stderr, flush=True)
-        before = _metrics(url)
+        before = gateway_metrics(url)
         cpu0, steal0 = _cpu_seconds(server.pid), steal_seconds()
         processes = max(1, min(processes, sessions))
         shares = [sessions // processes + (i < sessions % processes) for i in range(processes)]
@@ -188,7 +188,7 @@ def bench_gateway(sessions: int = 1, seconds: float = 20.0, video: bool = False,
             jobs = [pool.apply_async(_client_process, (url, n, seconds, video, i)) for i, n in enumerate(shares)]
             results = [r for job in jobs for r in job.get(timeout=seconds + 120)]
         cpu, steal = _cpu_seconds(server.pid) - cpu0, steal_seconds() - steal0
-        after = _metrics(url)
+        after = gateway_metrics(url)
     finally:
         server.terminate()
         try:

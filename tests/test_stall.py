@@ -8,14 +8,12 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from microturn.bench_gateway import MICRO_TURN_S, clicks, returned_at
+from microturn.bench_gateway import MICRO_TURN_S, clicks, gateway_metrics, returned_at
 from microturn.client import RATE, ProbeClient
 from microturn.local import serve, stop
 from tests.conftest import free_port
@@ -31,12 +29,6 @@ def gateway() -> Iterator[tuple[str, int]]:
     proc = serve(port, "--model", "echo")
     yield f"http://127.0.0.1:{port}", proc.pid
     stop(proc)
-
-
-def missed_slots(url: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        families = text_string_to_metric_families(resp.read().decode())
-        return next(s.value for f in families for s in f.samples if s.name == "microturn_missed_slots_total")
 
 
 def stall(pid: int, seconds: float) -> None:
@@ -61,7 +53,7 @@ async def test_a_stalled_gateway_keeps_its_timestamps_and_wins_the_latency_back(
         stopper.start()
         await asyncio.sleep(max(0.0, SECONDS - client.now()))
         stopper.join()
-        missed = missed_slots(url)
+        missed = gateway_metrics(url)["microturn_missed_slots_total"]
     finally:
         await client.close()
     # the gateway counted the slots its track missed (the stall less the two frames it may catch up)

@@ -16,7 +16,7 @@ micro-turn, paced by the browser's own audio clock, and the grid follows its pha
   would have landed by their frames' due times: it follows a phase that was set by one unlucky output, or that drifts
   with the browser's clock, without chasing jitter;
 - a sender that fell behind its grid (the event loop stalled) sends the overdue frames back to back instead of
-  dropping their slots, up to :data:`MAX_BEHIND` frames; further behind, it skips the slots it missed, and the RTP
+  dropping their slots, up to :data:`MAX_BEHIND` frames; further behind, it misses those slots, and the RTP
   timestamps jump over them: time went on while it sent nothing, so a receiver's delay estimate does not step by
   the stall (a browser's jitter buffer would take such a step for a burst of lateness and hold more delay).
 
