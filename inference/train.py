@@ -15,7 +15,9 @@ attention mask as streaming. Losses:
 - audio out: flow matching of the output mel of each micro-turn in which the model speaks (the flow head runs for
   no other), conditioned on the depth head's final state and the caption context;
 - MoE balance: the routers' Switch balance loss (weighted by ``balance_weight``); after each step the
-  routers' selection biases also move towards balance (aux-loss-free balancing).
+  routers' selection biases also move towards balance (aux-loss-free balancing);
+- listening (when a :class:`~inference.listen.ListenProbe` and the batch's ``heard`` targets are given): the
+  training-only probe's loss, which words of the user ended in each micro-turn, weighted by ``listen_weight``.
 
 :func:`tone_task` is the sanity task: "say the tone you heard one micro-turn later". """
 
@@ -30,6 +32,7 @@ from inference import dmel, tokenizer
 from inference.flow_head import caption_context
 from inference.kv_cache import AttentionPlan
 from inference.layout import Tokens, TurnLayout
+from inference.listen import ListenProbe
 from inference.model import Block, ReferenceNet
 from inference.moe import Routing
 from microturn.contracts import MICRO_TURN_SAMPLES, SAMPLE_RATE
@@ -56,6 +59,7 @@ class TrainBatch:
     mel_targets: torch.Tensor  # (M, frames, n_mels) the model side's output mel
     changes: torch.Tensor  # (M,) bool: the SPEAK/SILENT decision differs from the micro-turn before
     turns: list[int]  # micro-turns per sequence
+    heard: torch.Tensor | None = None  # (M, V) the user's words that ended in each micro-turn (inference.listen)
 
     def flow_text(self, turns: int) -> torch.Tensor:
         """(M, turns · text_out): the caption ids the flow head sees at each micro-turn (each sequence from PAD)."""
@@ -91,27 +95,44 @@ class Losses:
     flow: torch.Tensor
     balance: torch.Tensor
     total: torch.Tensor
+    listen: torch.Tensor  # the listening probe's loss (0 without one)
+
+    def detach(self) -> Losses:
+        return Losses(*(x.detach() for x in (self.text, self.flow, self.balance, self.total, self.listen)))
 
 
 CHANGE_WEIGHT = 4.0
 """How much more a micro-turn in which the SPEAK/SILENT decision changes counts in the decision loss."""
 
 
-def teacher_forced(net: ReferenceNet, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, list[Routing]]:
-    """The trunk over the batch's sequences and the depth head over its targets: text logits (M, 1 + text_out,
-    vocab), flow conditioning (M, d) and the trunk layers' routings."""
+@dataclass
+class Forced:
+    """The trunk and depth head over a batch, teacher-forced."""
+
+    logits: torch.Tensor  # (M, 1 + text_out, vocab) text logits
+    cond: torch.Tensor  # (M, d) flow conditioning: the depth head's final state
+    state: torch.Tensor  # (M, d) the trunk's state at each micro-turn's row (what the depth head starts from)
+    routings: list[Routing]  # the trunk layers'
+
+
+def teacher_forced(net: ReferenceNet, batch: TrainBatch) -> Forced:
+    """The trunk over the batch's sequences and the depth head over its targets."""
     cfg, device = net.cfg, net.text_head.weight.device
     plan = AttentionPlan.full(batch.lengths, cfg.window, cfg.n_sink, device)
     h, routings = net(net.embed(batch.tokens.to(device)), plan)
-    logits, cond = net.teacher_forced(h[batch.rows.to(device)], batch.text_targets.to(device))
-    return logits, cond, routings
+    state = h[batch.rows.to(device)]
+    logits, cond = net.teacher_forced(state, batch.text_targets.to(device))
+    return Forced(logits, cond, state, routings)
 
 
 def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Generator,
-                   balance_weight: float = 0.01, decision_weight: float = 0.0) -> tuple[Losses, torch.Tensor]:
-    """The losses (the decision loss is part of ``text``), and the per-layer expert load (L, E) of this batch."""
+                   balance_weight: float = 0.01, decision_weight: float = 0.0,
+                   probe: ListenProbe | None = None, listen_weight: float = 1.0) -> tuple[Losses, torch.Tensor]:
+    """The losses (the decision loss is part of ``text``), and the per-layer expert load (L, E) of this batch.
+    The listening loss counts when ``probe`` is given and the batch has ``heard`` targets."""
     cfg, device = net.cfg, net.text_head.weight.device
-    logits, cond, routings = teacher_forced(net, batch)
+    forced = teacher_forced(net, batch)
+    logits, cond, routings = forced.logits, forced.cond, forced.routings
     targets = batch.text_targets.to(device)
     text = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     speaking = targets[:, 0] == tokenizer.SPEAK
@@ -124,8 +145,11 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
     flow = flow_loss(net, cond[speaking], batch.flow_text(cfg.flow_text_turns).to(device)[speaking],
                      batch.mel_targets.to(device)[speaking], generator)
     balance = torch.stack([r.balance_loss for r in routings]).mean()
-    total = text + flow + balance_weight * balance
-    return Losses(text, flow, balance, total), torch.stack([r.load for r in routings])
+    listen = torch.zeros((), device=device)
+    if probe is not None and batch.heard is not None:
+        listen = probe.loss(forced.state, batch.heard.to(device))
+    total = text + flow + balance_weight * balance + listen_weight * listen
+    return Losses(text, flow, balance, total, listen), torch.stack([r.load for r in routings])
 
 
 def flow_loss(net: ReferenceNet, cond: torch.Tensor, text: torch.Tensor, mel: torch.Tensor,
@@ -145,10 +169,13 @@ BIAS_RATE = 1e-3
 
 
 def train_step(net: ReferenceNet, optimizer: torch.optim.Optimizer, batch: TrainBatch,
-               generator: torch.Generator, bias_rate: float = BIAS_RATE, decision_weight: float = 0.0) -> Losses:
-    """One optimiser step; returns the (detached) losses."""
+               generator: torch.Generator, bias_rate: float = BIAS_RATE, decision_weight: float = 0.0,
+               probe: ListenProbe | None = None, listen_weight: float = 1.0) -> Losses:
+    """One optimiser step (of ``net``, and of ``probe`` when given: its parameters must be in ``optimizer``);
+    returns the (detached) losses."""
     net.train()
-    losses, load = compute_losses(net, batch, generator, decision_weight=decision_weight)
+    losses, load = compute_losses(net, batch, generator, decision_weight=decision_weight, probe=probe,
+                                  listen_weight=listen_weight)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -156,7 +183,7 @@ def train_step(net: ReferenceNet, optimizer: torch.optim.Optimizer, batch: Train
     for block, layer_load in zip(net.blocks, load, strict=True):
         assert isinstance(block, Block)
         block.moe.router.update_bias(layer_load, bias_rate)
-    return Losses(*(x.detach() for x in (losses.text, losses.flow, losses.balance, losses.total)))
+    return losses.detach()
 
 
 TONES = (("A", 300.0), ("B", 550.0), ("C", 900.0), ("D", 1500.0))

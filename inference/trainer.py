@@ -15,6 +15,10 @@ path the engine runs). Validation: the mean loss over fixed windows of the valid
 folder that has ``state.pt`` resumes it: the same seed, data and settings give the same weights as a run that was
 never interrupted.
 
+With ``listen_weight`` > 0 the run also trains the listening probe (:mod:`inference.listen`) on the trunk's
+states; its vocabulary is the train split's words, kept in the run folder as ``listen_vocab.json``, and its weights
+are kept in ``state.pt`` only (the served checkpoint is the model alone).
+
 A run may start from a trained checkpoint (``init``) and train only some of it (``parts``): ``flow`` trains the flow
 head (the audio out) on the frozen rest. Since nothing before the flow head changes, what conditions it is computed
 once: every train conversation (and ``val_windows`` validation ones) goes through the trunk and the depth head,
@@ -41,6 +45,7 @@ from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
 from inference.conversation import Conversation, conversations, examples
 from inference.layout import TurnLayout
+from inference.listen import ListenProbe, heard, vocabulary_of
 from inference.model import ReferenceNet
 from inference.train import Losses, TrainBatch, build_batch, compute_losses, flow_loss, teacher_forced, train_step
 
@@ -69,6 +74,7 @@ class TrainSettings:
     parts: str = "all"  # all | flow: train only the flow head, the rest frozen (batch: spoken micro-turns)
     decision_weight: float = 0.0  # weight of the SPEAK/SILENT decision loss (see inference.train); 0: none
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
+    listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
 
 
 @dataclass
@@ -92,7 +98,7 @@ def flow_pairs(net: ReferenceNet, files: list[Path], label: str) -> FlowPairs:
     for i, path in enumerate(files):
         batch = build_batch(layout, [examples(Conversation.load(path), cfg)])
         with torch.no_grad():
-            _, cond, _ = teacher_forced(net, batch)
+            cond = teacher_forced(net, batch).cond
         speaking = batch.text_targets[:, 0] == tokenizer.SPEAK
         parts.append(FlowPairs(cond.cpu()[speaking], batch.flow_text(cfg.flow_text_turns)[speaking],
                                batch.mel_targets[speaking]))
@@ -137,6 +143,8 @@ class Trainer:
             torch.set_num_threads(s.threads)
         if s.parts not in PARTS:
             raise ValueError(f"--parts must be one of {', '.join(PARTS)}, not {s.parts!r}")
+        if s.listen_weight and s.parts != "all":
+            raise ValueError("--listen-weight trains the trunk; it cannot go with --parts flow")
         self.cfg = load_config(s.init) if s.init is not None else get_preset(s.preset)
         if s.flow_text_turns is not None:
             self.cfg = dataclasses.replace(self.cfg, flow_text_turns=s.flow_text_turns)
@@ -150,7 +158,10 @@ class Trainer:
         if s.parts == "flow":
             self.net.requires_grad_(False)
             self.net.flow.requires_grad_(True)
+        self.probe = ListenProbe(self.cfg.d_model, self._listen_vocab()).to(s.device) if s.listen_weight else None
         trained = [p for p in self.net.parameters() if p.requires_grad]
+        if self.probe is not None:
+            trained += list(self.probe.parameters())
         self.optimizer = torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
         self.data_gen = torch.Generator().manual_seed(s.seed)
         self.noise_gen = torch.Generator().manual_seed(s.seed + 1)
@@ -183,6 +194,16 @@ class Trainer:
         torch.save({name: asdict(p) for name, p in pairs.items()}, path)
         return pairs
 
+    def _listen_vocab(self) -> list[str]:
+        """The listening probe's vocabulary: the run folder's, or the train split's words (then kept there)."""
+        path = self.s.out / "listen_vocab.json"
+        if path.exists():
+            return list(json.loads(path.read_text()))
+        vocab = vocabulary_of(self.s.data / "train")
+        self.s.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(vocab))
+        return vocab
+
     def _conversation(self, path: Path) -> Conversation:
         if path not in self._cache:
             if len(self._cache) > 256:
@@ -191,13 +212,16 @@ class Trainer:
         return self._cache[path]
 
     def _batch(self) -> TrainBatch:
-        sequences = []
+        sequences, words = [], []
         for _ in range(self.s.batch):
             path = self.train_files[int(torch.randint(0, len(self.train_files), (), generator=self.data_gen))]
             conv = self._conversation(path)
             start, length = _window(conv, self.s.window, self.data_gen)
             sequences.append(examples(conv, self.cfg, start, length))
-        return build_batch(self.layout, sequences)
+            if self.probe is not None:
+                words.append(heard(conv.meta, self.probe.vocab, start, len(sequences[-1])))
+        batch = build_batch(self.layout, sequences)
+        return dataclasses.replace(batch, heard=torch.cat(words)) if words else batch
 
     def _flow_loss(self, rows: FlowPairs, generator: torch.Generator) -> torch.Tensor:
         device = self.s.device
@@ -214,7 +238,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.net.flow.parameters(), 1.0)
         self.optimizer.step()
         zero = torch.zeros(())
-        return Losses(zero, loss.detach(), zero, loss.detach()), self.s.batch
+        return Losses(zero, loss.detach(), zero, loss.detach(), zero), self.s.batch
 
     def validate(self) -> float:
         """Mean total loss over fixed windows of the validation split (the same windows every time); for a flow
@@ -248,15 +272,17 @@ class Trainer:
                 losses, turns = self._flow_step()
             else:
                 batch = self._batch()
-                losses = train_step(self.net, self.optimizer, batch, self.noise_gen, decision_weight=s.decision_weight)
+                losses = train_step(self.net, self.optimizer, batch, self.noise_gen, decision_weight=s.decision_weight,
+                                    probe=self.probe, listen_weight=s.listen_weight)
                 turns = len(batch.rows)
             self.step += 1
             turns_seen += turns
             self.history.train.append((self.step, float(losses.total), float(losses.text), float(losses.flow)))
             rate = turns_seen / max(1e-9, time.perf_counter() - began)
+            listening = f", listen {float(losses.listen):.3f}" if self.probe is not None else ""
             print(f"\rtrain: step {self.step}/{s.steps}  loss {float(losses.total):.3f} "
-                  f"(text {float(losses.text):.3f}, flow {float(losses.flow):.3f})  {rate:.0f} micro-turns/s",
-                  end="", file=sys.stderr, flush=True)
+                  f"(text {float(losses.text):.3f}, flow {float(losses.flow):.3f}{listening})  "
+                  f"{rate:.0f} micro-turns/s", end="", file=sys.stderr, flush=True)
             if self.step % s.val_every == 0 or self.step == s.steps:
                 val = self.validate()
                 self.history.val.append((self.step, val))
@@ -265,7 +291,8 @@ class Trainer:
                 self.save()
             with (s.out / "log.jsonl").open("a") as f:
                 f.write(json.dumps({"step": self.step, "loss": float(losses.total), "text": float(losses.text),
-                                    "flow": float(losses.flow), "lr": _lr(s, self.step - 1)}) + "\n")
+                                    "flow": float(losses.flow), "listen": float(losses.listen),
+                                    "lr": _lr(s, self.step - 1)}) + "\n")
         print(file=sys.stderr)
         elapsed = time.perf_counter() - began
         return {"steps": self.step, "steps_this_run": self.step - first, "seconds": round(elapsed, 1),
@@ -278,7 +305,8 @@ class Trainer:
         s = self.s
         state = {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
-                 "history": asdict(self.history), "settings": {k: str(v) for k, v in asdict(s).items()}}
+                 "history": asdict(self.history), "settings": {k: str(v) for k, v in asdict(s).items()},
+                 "listen": self.probe.state_dict() if self.probe is not None else None}
         tmp = s.out / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(s.out / "state.pt")  # a run killed mid-save resumes from the previous state
@@ -288,6 +316,12 @@ class Trainer:
     def _load(self) -> None:
         state = torch.load(self.s.out / "state.pt", map_location=self.s.device, weights_only=False)
         self.net.load_state_dict(state["net"])
+        saved = state.get("listen")
+        if (saved is None) != (self.probe is None):
+            started = "without" if saved is None else "with"
+            raise ValueError(f"{self.s.out}: this run was started {started} --listen-weight; resume it the same way")
+        if self.probe is not None:
+            self.probe.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.data_gen.set_state(state["data_gen"])

@@ -120,7 +120,7 @@ def _train(args: argparse.Namespace) -> int:
                              val_every=args.val_every, val_windows=args.val_windows, save_every=args.save_every,
                              seed=args.seed, device=args.device, threads=args.threads, init=args.init,
                              parts=args.parts, decision_weight=args.decision_weight,
-                             flow_text_turns=args.flow_text_turns)
+                             flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight)
     result = Trainer(settings).run()
     print(json.dumps(result))
     return 0
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decision-weight", type=float, default=0.0,
                        help="weight of an extra loss on the SPEAK/SILENT decision, its changes counted more "
                        "(inference.train.CHANGE_WEIGHT times; 0: off)")
+    train.add_argument("--listen-weight", type=float, default=0.0,
+                       help="weight of a training-only probe that names the user's words in each micro-turn from "
+                       "the trunk's state (inference.listen; 0: off)")
     train.add_argument("--flow-text-turns", type=int,
                        help="micro-turns of caption bytes the flow head sees (default: the preset's or --init's); "
                        "with --init, new weights for that part of the head")

@@ -111,7 +111,7 @@ def play_teacher_forced(conv: Conversation, net: ReferenceNet) -> Played:
     batch = build_batch(TurnLayout.of(cfg), [examples(conv, cfg)])
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        _, cond, _ = teacher_forced(net, batch)
+        cond = teacher_forced(net, batch).cond
         noise = torch.randn(len(cond), cfg.frames_per_turn * cfg.n_mels, generator=generator).to(on)
         mel = net.flow.sample(cond, batch.flow_text(cfg.flow_text_turns).to(on), noise, cfg.flow_steps).cpu()
         silent = batch.text_targets[:, 0] != tokenizer.SPEAK

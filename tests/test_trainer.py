@@ -44,6 +44,7 @@ def write_conversation(folder: Path, name: str, seed: int) -> Path:
              video=video, camera=camera)
     meta = {"id": name, "turns": TURNS, "user_text": user_text, "background": background, "model_text": model_text,
             "model_speaks": speaks, "scenario": "test", "user_speech": [[int(0.2 * 16_000), int(1.0 * 16_000)]],
+            "user_speech_text": ["what colour is this"],
             "model_speech": [[int(1.4 * 16_000), int(2.2 * 16_000)]], "pauses": [], "overlaps": [],
             "questions": [{"kind": "visual", "end": int(1.0 * 16_000), "answer": "red",
                            "answer_start": int(1.4 * 16_000)}]}
@@ -108,6 +109,36 @@ def test_training_resumes_to_the_same_state(tmp_path: Path) -> None:
     other = Trainer(settings(tmp_path / "c", 4, seed=4))
     other.run()
     assert not torch.equal(other.net.text_head.weight, straight.net.text_head.weight)  # the seed matters
+
+
+def test_a_listening_run_resumes_with_its_probe_and_ships_the_model_alone(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i in range(3):
+        write_conversation(data / "train", f"t{i}", i)
+    write_conversation(data / "validation", "v0", 9)
+
+    def settings(out: str, steps: int, listen_weight: float = 0.5) -> TrainSettings:
+        return TrainSettings(data=data, out=tmp_path / out, steps=steps, batch=2, window=6, val_every=2,
+                             save_every=2, val_windows=1, warmup=2, seed=3, listen_weight=listen_weight)
+
+    straight = Trainer(settings("a", 4))
+    straight.run()
+    assert json.loads((tmp_path / "a" / "listen_vocab.json").read_text()) == ["colour", "is", "this", "what"]
+    assert straight.probe is not None and straight.probe.head.weight.any()  # it learnt from the words heard
+    Trainer(settings("b", 2)).run()
+    resumed = Trainer(settings("b", 4))
+    resumed.run()
+    assert resumed.probe is not None
+    for (name, a), (_, b) in zip([*straight.net.state_dict().items(), *straight.probe.state_dict().items()],
+                                 [*resumed.net.state_dict().items(), *resumed.probe.state_dict().items()],
+                                 strict=True):
+        assert torch.equal(a, b), name
+    shipped = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
+    assert shipped.keys() == ReferenceNet(straight.cfg).state_dict().keys()  # no probe in the checkpoint
+    with pytest.raises(ValueError, match="started with --listen-weight"):
+        Trainer(settings("b", 6, listen_weight=0.0))
+    with pytest.raises(ValueError, match="listen-weight"):
+        Trainer(TrainSettings(data=data, out=tmp_path / "c", parts="flow", listen_weight=0.5))
 
 
 def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ match the tone it should say."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,15 +16,6 @@ from inference.kv_cache import AttentionPlan
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
 from inference.train import TrainBatch, compute_losses, teacher_forced, tone_task, train_step
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Small matmuls run faster and far more predictably on one thread when the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -63,7 +53,7 @@ def _sampled_mel(net: ReferenceNet, batch: TrainBatch) -> tuple[torch.Tensor, to
     """The flow head's samples (as the engine draws them) and the targets, for the micro-turns that speak."""
     net.eval()
     with torch.no_grad():
-        _, cond, _ = teacher_forced(net, batch)
+        cond = teacher_forced(net, batch).cond
         speaking = batch.text_targets[:, 0] == tokenizer.SPEAK
         noise = torch.randn(int(speaking.sum()), net.cfg.frames_per_turn * net.cfg.n_mels,
                             generator=torch.Generator().manual_seed(2))

@@ -1,0 +1,81 @@
+"""The listening probe: a training-only head that names the words the user has just said.
+
+The model's own losses reward hearing the user's words only where an answer depends on them, a few micro-turns
+per question, and through a long path (the question's audio, attention, the depth head, the caption's first bytes).
+This auxiliary task gives hearing a dense signal of its own: a linear probe on the trunk's state at the last
+user-side token of every micro-turn (the row the model side is predicted from) says which of the user's words
+ended in that micro-turn, one logit per word of the train split's vocabulary (multi-label). Where a word ends
+follows the rule the captions follow (:mod:`inference.synth.captions`): an utterance's text is spread over its
+audio in proportion to its length.
+
+The probe is not part of the served model: ``microturn train --listen-weight W`` trains it beside the model and
+keeps it in the run's ``state.pt`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from microturn.contracts import MICRO_TURN_SAMPLES
+
+_WORD = re.compile(r"[a-z']+")
+
+
+def words_of(text: str) -> list[tuple[str, int]]:
+    """The words of ``text`` (lowercase letters and apostrophes; numbers written in digits are not words here),
+    each with the index just past its last character."""
+    return [(m.group(), m.end()) for m in _WORD.finditer(text.lower())]
+
+
+def vocabulary(metas: list[dict[str, Any]], min_count: int = 2) -> list[str]:
+    """The words the user says in these conversations at least ``min_count`` times, sorted."""
+    counts = Counter(word for meta in metas for text in meta["user_speech_text"] for word, _ in words_of(text))
+    return sorted(word for word, n in counts.items() if n >= min_count)
+
+
+def vocabulary_of(folder: Path) -> list[str]:
+    """The :func:`vocabulary` of a split folder's conversations."""
+    return vocabulary([json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))])
+
+
+def heard(meta: dict[str, Any], vocab: list[str], start: int, length: int) -> torch.Tensor:
+    """(length, V) 0/1: which words of ``vocab`` the user finished saying in micro-turns ``[start, start +
+    length)`` of a conversation (its ``user_speech`` spans and ``user_speech_text``)."""
+    index = {word: i for i, word in enumerate(vocab)}
+    out = torch.zeros(length, len(vocab))
+    for (first, last), text in zip(meta["user_speech"], meta["user_speech_text"], strict=True):
+        for word, end in words_of(text):
+            sample = min(first + (last - first) * end // max(1, len(text)), last - 1)
+            k = sample // MICRO_TURN_SAMPLES - start
+            if word in index and 0 <= k < length:
+                out[k, index[word]] = 1.0
+    return out
+
+
+class ListenProbe(nn.Module):
+    """A linear probe from the trunk's state (d) to one logit per vocabulary word.
+
+    It starts with zero weights and every word unlikely (a bias of −log V), so its first steps neither jerk a
+    trained trunk (no gradient reaches it through zero weights) nor pay for a word count it has not learnt yet."""
+
+    def __init__(self, d_model: int, vocab: list[str]) -> None:
+        super().__init__()
+        self.vocab = list(vocab)
+        self.head = nn.Linear(d_model, len(vocab))
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, -math.log(max(2, len(vocab))))
+
+    def loss(self, state: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of (M, d) trunk states against (M, V) words heard, summed over the words and
+        averaged over micro-turns (a micro-turn holds a word or two of a few hundred)."""
+        logits = self.head(state)
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / max(1, len(state))
