@@ -212,16 +212,22 @@ class Trainer:
         return self._cache[path]
 
     def _batch(self) -> TrainBatch:
-        sequences, words = [], []
+        windows = []
         for _ in range(self.s.batch):
             path = self.train_files[int(torch.randint(0, len(self.train_files), (), generator=self.data_gen))]
             conv = self._conversation(path)
-            start, length = _window(conv, self.s.window, self.data_gen)
-            sequences.append(examples(conv, self.cfg, start, length))
-            if self.probe is not None:
-                words.append(heard(conv.meta, self.probe.vocab, start, len(sequences[-1])))
+            windows.append((conv, *_window(conv, self.s.window, self.data_gen)))
+        return self._windows(windows)
+
+    def _windows(self, windows: list[tuple[Conversation, int, int]]) -> TrainBatch:
+        """A batch of windows (conversation, start, length); with the listening probe, its targets too."""
+        sequences = [examples(conv, self.cfg, start, length) for conv, start, length in windows]
         batch = build_batch(self.layout, sequences)
-        return dataclasses.replace(batch, heard=torch.cat(words)) if words else batch
+        if self.probe is None:
+            return batch
+        words = [heard(conv.meta, self.probe.vocab, start, len(seq))
+                 for (conv, start, _), seq in zip(windows, sequences, strict=True)]
+        return dataclasses.replace(batch, heard=torch.cat(words))
 
     def _flow_loss(self, rows: FlowPairs, generator: torch.Generator) -> torch.Tensor:
         device = self.s.device
@@ -240,23 +246,24 @@ class Trainer:
         zero = torch.zeros(())
         return Losses(zero, loss.detach(), zero, loss.detach(), zero), self.s.batch
 
-    def validate(self) -> float:
-        """Mean total loss over fixed windows of the validation split (the same windows every time); for a flow
+    def validate(self) -> tuple[float, float]:
+        """Mean total loss over fixed windows of the validation split (the same windows every time; the model's
+        own losses, without the listening probe's), and the probe's mean loss on them (0 without one); for a flow
         run, the flow loss of its validation pairs (with the same noise every time)."""
         gen = torch.Generator().manual_seed(12345)
         self.net.eval()
         if self.pairs:
             with torch.no_grad():
-                return float(self._flow_loss(self.pairs["validation"], gen))
-        totals = []
+                return float(self._flow_loss(self.pairs["validation"], gen)), 0.0
+        totals, listening = [], []
         with torch.no_grad():
             for i in range(self.s.val_windows):
                 conv = self._conversation(self.val_files[i % len(self.val_files)])
-                start, length = _window(conv, self.s.window, gen)
-                batch = build_batch(self.layout, [examples(conv, self.cfg, start, length)])
-                losses, _ = compute_losses(self.net, batch, gen)
+                batch = self._windows([(conv, *_window(conv, self.s.window, gen))])
+                losses, _ = compute_losses(self.net, batch, gen, probe=self.probe, listen_weight=0.0)
                 totals.append(float(losses.total))
-        return sum(totals) / len(totals)
+                listening.append(float(losses.listen))
+        return sum(totals) / len(totals), sum(listening) / len(listening)
 
     def run(self) -> dict[str, Any]:
         s = self.s
@@ -284,9 +291,10 @@ class Trainer:
                   f"(text {float(losses.text):.3f}, flow {float(losses.flow):.3f}{listening})  "
                   f"{rate:.0f} micro-turns/s", end="", file=sys.stderr, flush=True)
             if self.step % s.val_every == 0 or self.step == s.steps:
-                val = self.validate()
+                val, val_listen = self.validate()
                 self.history.val.append((self.step, val))
-                print(f"\ntrain: step {self.step}: validation loss {val:.3f}", file=sys.stderr)
+                heard_line = f" (listening probe {val_listen:.3f})" if self.probe is not None else ""
+                print(f"\ntrain: step {self.step}: validation loss {val:.3f}{heard_line}", file=sys.stderr)
             if self.step % s.save_every == 0 or self.step == s.steps:
                 self.save()
             with (s.out / "log.jsonl").open("a") as f:

@@ -125,6 +125,11 @@ def test_a_listening_run_resumes_with_its_probe_and_ships_the_model_alone(tmp_pa
     straight.run()
     assert json.loads((tmp_path / "a" / "listen_vocab.json").read_text()) == ["colour", "is", "this", "what"]
     assert straight.probe is not None and straight.probe.head.weight.any()  # it learnt from the words heard
+    total, listening = straight.validate()
+    assert listening > 0 and total == pytest.approx(straight.history.val[-1][1])
+    probe, straight.probe = straight.probe, None
+    assert straight.validate() == (pytest.approx(total), 0.0)  # the validation loss is the model's losses alone
+    straight.probe = probe
     Trainer(settings("b", 2)).run()
     resumed = Trainer(settings("b", 4))
     resumed.run()
