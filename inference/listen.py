@@ -5,8 +5,8 @@ per question, and through a long path (the question's audio, attention, the dept
 This auxiliary task gives hearing a dense signal of its own: a linear probe on the trunk's state at the last
 user-side token of every micro-turn (the row the model side is predicted from) says which of the user's words
 ended in that micro-turn, one logit per word of the train split's vocabulary (multi-label). Where a word ends
-follows the rule the captions follow (:mod:`inference.synth.captions`): an utterance's text is spread over its
-audio in proportion to its length.
+follows a proportional rule like the captions' (:mod:`inference.synth.captions`): an utterance's text is spread
+over its audio in proportion to its length, and a word ends at the sample its last character's share ends at.
 
 The probe is not part of the served model: ``microturn train --listen-weight W`` trains it beside the model and
 keeps it in the run's ``state.pt`` only.
@@ -27,13 +27,13 @@ from torch import nn
 
 from microturn.contracts import MICRO_TURN_SAMPLES
 
-_WORD = re.compile(r"[a-z']+")
+_WORD = re.compile(r"[A-Za-z']+")
 
 
 def words_of(text: str) -> list[tuple[str, int]]:
     """The words of ``text`` (lowercase letters and apostrophes; numbers written in digits are not words here),
     each with the index just past its last character."""
-    return [(m.group(), m.end()) for m in _WORD.finditer(text.lower())]
+    return [(m.group().lower(), m.end()) for m in _WORD.finditer(text)]
 
 
 def vocabulary(metas: list[dict[str, Any]], min_count: int = 2) -> list[str]:
@@ -42,9 +42,9 @@ def vocabulary(metas: list[dict[str, Any]], min_count: int = 2) -> list[str]:
     return sorted(word for word, n in counts.items() if n >= min_count)
 
 
-def vocabulary_of(folder: Path) -> list[str]:
-    """The :func:`vocabulary` of a split folder's conversations."""
-    return vocabulary([json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))])
+def vocabulary_of(conversations: list[Path]) -> list[str]:
+    """The :func:`vocabulary` of these conversations (their ``.npz`` or ``.json`` paths)."""
+    return vocabulary([json.loads(p.with_suffix(".json").read_text()) for p in conversations])
 
 
 def heard(meta: dict[str, Any], vocab: list[str], start: int, length: int) -> torch.Tensor:
@@ -64,8 +64,9 @@ def heard(meta: dict[str, Any], vocab: list[str], start: int, length: int) -> to
 class ListenProbe(nn.Module):
     """A linear probe from the trunk's state (d) to one logit per vocabulary word.
 
-    It starts with zero weights and every word unlikely (a bias of −log V), so its first steps neither jerk a
-    trained trunk (no gradient reaches it through zero weights) nor pay for a word count it has not learnt yet."""
+    It starts with zero weights, so its first step sends no gradient into a trained trunk (the trunk's share then
+    grows as the probe learns), and with every word unlikely (a bias of −log V, near a word's base rate), so its
+    first losses are not spent on learning that most words are not said in most micro-turns."""
 
     def __init__(self, d_model: int, vocab: list[str]) -> None:
         super().__init__()

@@ -129,7 +129,8 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
                    balance_weight: float = 0.01, decision_weight: float = 0.0,
                    probe: ListenProbe | None = None, listen_weight: float = 1.0) -> tuple[Losses, torch.Tensor]:
     """The losses (the decision loss is part of ``text``), and the per-layer expert load (L, E) of this batch.
-    The listening loss counts when ``probe`` is given and the batch has ``heard`` targets."""
+    The listening loss counts when ``probe`` is given and the batch has ``heard`` targets (the probe's presence is
+    the switch; ``listen_weight`` only weighs it)."""
     cfg, device = net.cfg, net.text_head.weight.device
     forced = teacher_forced(net, batch)
     logits, cond, routings = forced.logits, forced.cond, forced.routings
@@ -178,7 +179,7 @@ def train_step(net: ReferenceNet, optimizer: torch.optim.Optimizer, batch: Train
                                   listen_weight=listen_weight)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
-    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_([*net.parameters(), *(probe.parameters() if probe is not None else ())], 1.0)
     optimizer.step()
     for block, layer_load in zip(net.blocks, load, strict=True):
         assert isinstance(block, Block)

@@ -17,7 +17,9 @@ never interrupted.
 
 With ``listen_weight`` > 0 the run also trains the listening probe (:mod:`inference.listen`) on the trunk's
 states; its vocabulary is the train split's words, kept in the run folder as ``listen_vocab.json``, and its weights
-are kept in ``state.pt`` only (the served checkpoint is the model alone).
+are kept in ``state.pt`` only (the served checkpoint is the model alone). The training loss it logs and plots then
+includes the probe's weighted loss (logged on its own too); validation leaves it out, so validation losses compare
+across runs with and without the probe.
 
 A run may start from a trained checkpoint (``init``) and train only some of it (``parts``): ``flow`` trains the flow
 head (the audio out) on the frozen rest. Since nothing before the flow head changes, what conditions it is computed
@@ -195,14 +197,11 @@ class Trainer:
         return pairs
 
     def _listen_vocab(self) -> list[str]:
-        """The listening probe's vocabulary: the run folder's, or the train split's words (then kept there)."""
+        """The listening probe's vocabulary: the run folder's (saved with the first state), or the train split's."""
         path = self.s.out / "listen_vocab.json"
         if path.exists():
             return list(json.loads(path.read_text()))
-        vocab = vocabulary_of(self.s.data / "train")
-        self.s.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(vocab))
-        return vocab
+        return vocabulary_of(self.train_files)
 
     def _conversation(self, path: Path) -> Conversation:
         if path not in self._cache:
@@ -293,8 +292,8 @@ class Trainer:
             if self.step % s.val_every == 0 or self.step == s.steps:
                 val, val_listen = self.validate()
                 self.history.val.append((self.step, val))
-                heard_line = f" (listening probe {val_listen:.3f})" if self.probe is not None else ""
-                print(f"\ntrain: step {self.step}: validation loss {val:.3f}{heard_line}", file=sys.stderr)
+                listen_note = f" (listening probe {val_listen:.3f})" if self.probe is not None else ""
+                print(f"\ntrain: step {self.step}: validation loss {val:.3f}{listen_note}", file=sys.stderr)
             if self.step % s.save_every == 0 or self.step == s.steps:
                 self.save()
             with (s.out / "log.jsonl").open("a") as f:
@@ -315,6 +314,8 @@ class Trainer:
                  "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
                  "history": asdict(self.history), "settings": {k: str(v) for k, v in asdict(s).items()},
                  "listen": self.probe.state_dict() if self.probe is not None else None}
+        if self.probe is not None:
+            (s.out / "listen_vocab.json").write_text(json.dumps(self.probe.vocab))
         tmp = s.out / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(s.out / "state.pt")  # a run killed mid-save resumes from the previous state

@@ -142,6 +142,10 @@ def test_a_listening_run_resumes_with_its_probe_and_ships_the_model_alone(tmp_pa
     assert shipped.keys() == ReferenceNet(straight.cfg).state_dict().keys()  # no probe in the checkpoint
     with pytest.raises(ValueError, match="started with --listen-weight"):
         Trainer(settings("b", 6, listen_weight=0.0))
+    with pytest.raises(ValueError, match="started without --listen-weight"):
+        Trainer(settings("plain", 2, listen_weight=0.0)).run()
+        Trainer(settings("plain", 4))
+    assert not (tmp_path / "plain" / "listen_vocab.json").exists()  # a refused resume leaves the folder as it was
     with pytest.raises(ValueError, match="listen-weight"):
         Trainer(TrainSettings(data=data, out=tmp_path / "c", parts="flow", listen_weight=0.5))
 
