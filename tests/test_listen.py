@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from inference.config import preset
 from inference.layout import TurnLayout
 from inference.listen import ListenProbe, heard, vocabulary, words_of
 from inference.model import ReferenceNet
 from inference.train import TONES, TrainBatch, compute_losses, tone_task, train_step
 from microturn.contracts import MICRO_TURN_SAMPLES
+from tests._reference_helpers import narrow_config
 
 
 def test_words_are_letters_and_numbers_in_digits_are_not_words() -> None:
@@ -44,8 +44,7 @@ def test_each_word_is_heard_in_the_micro_turn_where_its_share_of_the_audio_ends(
 @pytest.mark.usefixtures("one_thread")
 def test_a_fresh_probe_leaves_a_trained_trunk_alone_and_then_learns() -> None:
     torch.manual_seed(0)
-    cfg = dataclasses.replace(preset("tiny"), d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, n_experts=4,
-                              d_expert=64, d_shared=64, flow_dim=64, flow_layers=1)
+    cfg = narrow_config(64, 1, 64, 1)
     net = ReferenceNet(cfg)
     layout = TurnLayout.of(cfg)
     probe = ListenProbe(cfg.d_model, [letter for letter, _ in TONES])

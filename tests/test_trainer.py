@@ -52,6 +52,14 @@ def write_conversation(folder: Path, name: str, seed: int) -> Path:
     return folder / f"{name}.npz"
 
 
+def write_data_set(folder: Path, train: int) -> Path:
+    """A data set folder of ``train`` train conversations and one validation conversation."""
+    for i in range(train):
+        write_conversation(folder / "train", f"t{i}", i)
+    write_conversation(folder / "validation", "v0", 9)
+    return folder
+
+
 def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path) -> None:
     path = write_conversation(tmp_path, "c0", 0)
     conv = Conversation.load(path)
@@ -84,10 +92,7 @@ def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path) -> N
 
 
 def test_training_resumes_to_the_same_state(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for i in range(3):
-        write_conversation(data / "train", f"t{i}", i)
-    write_conversation(data / "validation", "v0", 9)
+    data = write_data_set(tmp_path / "data", 3)
 
     def settings(out: Path, steps: int, seed: int = 3) -> TrainSettings:
         return TrainSettings(data=data, out=out, steps=steps, batch=2, window=6, val_every=2, save_every=2,
@@ -112,10 +117,7 @@ def test_training_resumes_to_the_same_state(tmp_path: Path) -> None:
 
 
 def test_a_listening_run_resumes_with_its_probe_and_ships_the_model_alone(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for i in range(3):
-        write_conversation(data / "train", f"t{i}", i)
-    write_conversation(data / "validation", "v0", 9)
+    data = write_data_set(tmp_path / "data", 3)
 
     def settings(out: str, steps: int, listen_weight: float = 0.5) -> TrainSettings:
         return TrainSettings(data=data, out=tmp_path / out, steps=steps, batch=2, window=6, val_every=2,
@@ -151,10 +153,7 @@ def test_a_listening_run_resumes_with_its_probe_and_ships_the_model_alone(tmp_pa
 
 
 def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    for i in range(2):
-        write_conversation(data / "train", f"t{i}", i)
-    write_conversation(data / "validation", "v0", 9)
+    data = write_data_set(tmp_path / "data", 2)
     base: dict[str, Any] = dict(data=data, steps=3, batch=2, window=6, val_every=3, save_every=3, val_windows=1,
                                 warmup=1)
     Trainer(TrainSettings(out=tmp_path / "a", flow_text_turns=0, **base)).run()  # a head without caption context

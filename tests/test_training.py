@@ -4,8 +4,6 @@ match the tone it should say."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -16,13 +14,13 @@ from inference.kv_cache import AttentionPlan
 from inference.layout import TurnLayout
 from inference.model import ReferenceNet
 from inference.train import TrainBatch, compute_losses, teacher_forced, tone_task, train_step
+from tests._reference_helpers import narrow_config
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_tone_task_losses_go_down() -> None:
     torch.manual_seed(0)
-    cfg = dataclasses.replace(preset("tiny"), d_model=96, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4,
-                              d_expert=96, d_shared=96, flow_dim=128, flow_layers=2)
+    cfg = narrow_config(96, 2, 128, 2)
     net = ReferenceNet(cfg)
     layout = TurnLayout.of(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -64,8 +62,7 @@ def _sampled_mel(net: ReferenceNet, batch: TrainBatch) -> tuple[torch.Tensor, to
 @pytest.mark.usefixtures("one_thread")
 def test_decision_loss_weighs_the_micro_turns_where_the_model_starts_or_stops() -> None:
     torch.manual_seed(0)
-    cfg = dataclasses.replace(preset("tiny"), d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, n_experts=4,
-                              d_expert=64, d_shared=64, flow_dim=64, flow_layers=1)
+    cfg = narrow_config(64, 1, 64, 1)
     net = ReferenceNet(cfg).eval()
     batch = tone_task(TurnLayout.of(cfg), batch=3, turns=6, generator=torch.Generator().manual_seed(5))
     controls = batch.text_targets[:, 0].view(3, 6)
