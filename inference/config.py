@@ -39,6 +39,8 @@ class ModelConfig:
     dmel_bins: int = 16
     dmel_bin_dim: int = 8  # width of one channel's bin embedding (80 of them are concatenated then projected)
     frames_per_token: int = 4  # dMel frames grouped into one audio token: 2 audio tokens per micro-turn
+    audio_context: int = 0  # user frames before an audio-in token its audio encoder also hears; 0: no encoder
+    audio_encoder_dim: int = 128  # channels of the audio encoder's convolutions (see inference.audio_encoder)
     # video (40x40 patches through a hierarchical MLP stem)
     video_height: int = VIDEO_HEIGHT
     video_width: int = VIDEO_WIDTH
@@ -69,6 +71,8 @@ class ModelConfig:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
         if self.max_step_tokens < self.turn_tokens:
             raise ValueError(f"max_step_tokens must hold one micro-turn ({self.turn_tokens} tokens)")
+        if self.audio_context < 0:
+            raise ValueError("audio_context cannot be negative")
         if self.top_k > self.n_experts:
             raise ValueError("top_k cannot exceed n_experts")
 

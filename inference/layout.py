@@ -8,7 +8,8 @@ config), so every session appends the same number of tokens per tick and batched
                                 for later micro-turns (4 bytes per 200 ms)
                 [v0 v1]         two patch tokens of the latest camera frame, scanning its 12 patches in order
                                 (the whole frame every 6 micro-turns, 1.2 s); NO_VIDEO with the camera off
-                [a0 a1]         dMel in: 8 frames at 40 Hz, 4 frames a token
+                [a0 a1]         dMel in: 8 frames at 40 Hz, 4 frames a token (with an audio encoder, each also
+                                carries the ``audio_context`` user frames before its own: what the encoder hears)
     model side  [c]             SPEAK or SILENT
                 [t0 t1 t2]      caption bytes of what it says (or PAD)
                 [o0 o1]         its own output audio, as dMel tokens like the input
@@ -49,6 +50,7 @@ class Tokens:
     patches: torch.Tensor  # (Np, 3, 40, 40) uint8 pixels of the PATCH tokens, in row order
     grid: torch.Tensor  # (Np, 2) long (row, col) of each PATCH token in its frame
     features: torch.Tensor  # (Nf, d_model) stem outputs of the FEATURE tokens, in row order; (0, 0) if none
+    before: torch.Tensor  # (Ni, audio_context, n_mels) long: per AUDIO_IN token, the user's frames before its own
 
     def __len__(self) -> int:
         return int(self.kind.shape[0])
@@ -58,40 +60,48 @@ class Tokens:
         return Tokens(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                       torch.zeros(0, frames_per_token, n_mels, dtype=torch.long),
                       torch.zeros(0, 3, 40, 40, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long),
-                      torch.zeros(0, 0))
+                      torch.zeros(0, 0), torch.zeros(0, 0, n_mels, dtype=torch.long))
 
     @staticmethod
     def of_text(ids: list[int], frames_per_token: int, n_mels: int) -> Tokens:
         e = Tokens.empty(frames_per_token, n_mels)
         ids_t = torch.tensor(ids, dtype=torch.long)
-        return Tokens(torch.full_like(ids_t, TEXT), ids_t, e.dmel, e.patches, e.grid, e.features)
+        return Tokens(torch.full_like(ids_t, TEXT), ids_t, e.dmel, e.patches, e.grid, e.features, e.before)
 
     @staticmethod
-    def of_audio(bins: torch.Tensor, frames_per_token: int, kind: int) -> Tokens:
-        """(F, n_mels) frame bins → F / frames_per_token audio tokens of ``kind``."""
+    def of_audio(bins: torch.Tensor, frames_per_token: int, kind: int, before: torch.Tensor | None = None
+                 ) -> Tokens:
+        """(F, n_mels) frame bins → F / frames_per_token audio tokens of ``kind``; AUDIO_IN tokens also carry the
+        stream's frames before each one's own: the last P of ``before`` (P, n_mels) and of the bins before it."""
         grouped = bins.reshape(-1, frames_per_token, bins.shape[-1])  # (A, G, M)
         n = grouped.shape[0]
         e = Tokens.empty(frames_per_token, bins.shape[-1])
+        context = e.before
+        if kind == AUDIO_IN:
+            if before is None:
+                before = torch.zeros(0, bins.shape[-1], dtype=torch.long)
+            p, stream = before.shape[0], torch.cat([before, bins])  # (P + F, M)
+            context = torch.stack([stream[i * frames_per_token:i * frames_per_token + p] for i in range(n)])
         return Tokens(torch.full((n,), kind, dtype=torch.long), torch.zeros(n, dtype=torch.long), grouped,
-                      e.patches, e.grid, e.features)
+                      e.patches, e.grid, e.features, context)
 
     @staticmethod
     def of_patches(patches: torch.Tensor, grid: torch.Tensor, frames_per_token: int, n_mels: int) -> Tokens:
         e = Tokens.empty(frames_per_token, n_mels)
         n = patches.shape[0]
         return Tokens(torch.full((n,), PATCH, dtype=torch.long), torch.zeros(n, dtype=torch.long), e.dmel,
-                      patches, grid, e.features)
+                      patches, grid, e.features, e.before)
 
     @staticmethod
     def of_features(features: torch.Tensor, frames_per_token: int, n_mels: int) -> Tokens:
         e = Tokens.empty(frames_per_token, n_mels)
         n = features.shape[0]
         return Tokens(torch.full((n,), FEATURE, dtype=torch.long), torch.zeros(n, dtype=torch.long), e.dmel,
-                      e.patches, e.grid, features.float())
+                      e.patches, e.grid, features.float(), e.before)
 
     def to(self, device: torch.device) -> Tokens:
         return Tokens(self.kind.to(device), self.text.to(device), self.dmel.to(device),
-                      self.patches.to(device), self.grid.to(device), self.features.to(device))
+                      self.patches.to(device), self.grid.to(device), self.features.to(device), self.before.to(device))
 
     def rows(self, start: int, end: int) -> Tokens:
         """Rows ``[start, end)`` of this run."""
@@ -100,15 +110,18 @@ class Tokens:
         a0, a1 = int(audio[:start].sum()), int(audio[:end].sum())
         p0, p1 = int(patch[:start].sum()), int(patch[:end].sum())
         f0, f1 = int(feature[:start].sum()), int(feature[:end].sum())
+        i0, i1 = int((self.kind[:start] == AUDIO_IN).sum()), int((self.kind[:end] == AUDIO_IN).sum())
         return Tokens(self.kind[start:end], self.text[start:end], self.dmel[a0:a1], self.patches[p0:p1],
-                      self.grid[p0:p1], self.features[f0:f1])
+                      self.grid[p0:p1], self.features[f0:f1], self.before[i0:i1])
 
     @staticmethod
     def cat(parts: list[Tokens]) -> Tokens:
         features = [p.features for p in parts if len(p.features)]
+        before = [p.before for p in parts if len(p.before)]
         return Tokens(torch.cat([p.kind for p in parts]), torch.cat([p.text for p in parts]),
                       torch.cat([p.dmel for p in parts]), torch.cat([p.patches for p in parts]),
-                      torch.cat([p.grid for p in parts]), torch.cat(features) if features else parts[0].features)
+                      torch.cat([p.grid for p in parts]), torch.cat(features) if features else parts[0].features,
+                      torch.cat(before) if before else parts[0].before)
 
 
 @dataclass
@@ -121,11 +134,12 @@ class TurnLayout:
     video_slots: int
     text_out: int
     audio_tokens: int
+    audio_context: int = 0
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> TurnLayout:
         return cls(cfg.frames_per_token, cfg.n_mels, cfg.text_in, cfg.video_slots, cfg.text_out,
-                   cfg.audio_tokens)
+                   cfg.audio_tokens, cfg.audio_context)
 
     @property
     def n_user(self) -> int:
@@ -135,16 +149,28 @@ class TurnLayout:
     def n_model(self) -> int:
         return 1 + self.text_out + self.audio_tokens
 
-    def user_side(self, text_ids: list[int], video: Tokens | None, audio_bins: torch.Tensor) -> Tokens:
+    def user_side(self, text_ids: list[int], video: Tokens | None, audio_bins: torch.Tensor,
+                  before: torch.Tensor | None = None) -> Tokens:
         """``text_in`` text slots (PAD-filled), the ``video_slots`` patch tokens (NO_VIDEO without a camera),
-        then the audio-in tokens of (frames, n_mels) bins."""
+        then the audio-in tokens of (frames, n_mels) bins, with the ``audio_context`` frames before them
+        (``before``, (audio_context, n_mels); silence when None)."""
         if len(text_ids) > self.text_in:
             raise ValueError(f"at most {self.text_in} text tokens in a micro-turn, got {len(text_ids)}")
         text = text_ids + [tokenizer.PAD] * (self.text_in - len(text_ids))
         if video is None:
             video = Tokens.of_text([tokenizer.NO_VIDEO] * self.video_slots, self.frames_per_token, self.n_mels)
+        if before is None:
+            before = torch.zeros(self.audio_context, self.n_mels, dtype=torch.long)
+        if before.shape[0] != self.audio_context:
+            raise ValueError(f"expected {self.audio_context} frames before the audio, got {before.shape[0]}")
         return Tokens.cat([Tokens.of_text(text, self.frames_per_token, self.n_mels), video,
-                           Tokens.of_audio(audio_bins, self.frames_per_token, AUDIO_IN)])
+                           Tokens.of_audio(audio_bins, self.frames_per_token, AUDIO_IN, before)])
+
+    def heard_next(self, before: torch.Tensor, audio_bins: torch.Tensor) -> torch.Tensor:
+        """The ``audio_context`` frames before the next micro-turn, once one with (frames, n_mels) ``audio_bins``
+        was heard after ``before``."""
+        stream = torch.cat([before, audio_bins])
+        return stream[len(stream) - self.audio_context:]
 
     def model_side(self, control: int, text_ids: list[int], out_bins: torch.Tensor) -> Tokens:
         """``c``, the ``text_out`` caption tokens, then the output-audio tokens of (frames, n_mels) bins."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference.audio_encoder import AudioEncoder
 from inference.config import ModelConfig
 from inference.flow_head import FlowHead
 from inference.kv_cache import AttentionPlan
@@ -127,6 +128,9 @@ class ReferenceNet(nn.Module):
         self.bin_emb = nn.Embedding(cfg.n_mels * cfg.dmel_bins, cfg.dmel_bin_dim)
         self.dmel_proj = nn.Linear(cfg.frames_per_token * cfg.n_mels * cfg.dmel_bin_dim, d)
         self.source = nn.Embedding(2, d)  # who made an audio token: 0 the user, 1 the model itself
+        # the user's audio tokens also hear the frames before them (a word-long window), when audio_context > 0
+        self.audio = (AudioEncoder(cfg.n_mels, cfg.dmel_bins, cfg.audio_context + cfg.frames_per_token,
+                                   cfg.audio_encoder_dim, d) if cfg.audio_context else None)
         self.stem = PatchStem(d, cfg.stem_dims)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(d)
@@ -148,6 +152,13 @@ class ReferenceNet(nn.Module):
         if len(audio_rows):
             bins = self.bin_emb(tokens.dmel + self.channel_offset)  # (Na, G, M, e)
             audio = self.dmel_proj(bins.flatten(1)) + self.source(tokens.kind[audio_rows] - AUDIO_IN)
+            heard = tokens.kind[audio_rows] == AUDIO_IN
+            if self.audio is not None and bool(heard.any()):
+                if tokens.before.shape[1] != self.cfg.audio_context:
+                    raise ValueError(f"audio-in tokens carry {tokens.before.shape[1]} frames before them; this "
+                                     f"model hears {self.cfg.audio_context}")
+                window = torch.cat([tokens.before, tokens.dmel[heard]], dim=1)  # (Ni, audio_context + G, M)
+                audio = audio.index_put((heard.nonzero().squeeze(1),), self.audio(window), accumulate=True)
             x = x.index_put((audio_rows,), audio)
         if len(patch_rows):
             x = x.index_put((patch_rows,), self.stem(tokens.patches, tokens.grid))

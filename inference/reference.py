@@ -12,7 +12,8 @@ instead of butting against it; a silent micro-turn is zeros (after fading out sp
 Session state (:class:`Session`) is created by :meth:`open` (or :meth:`restore`), touched only by the tick
 thread and dropped by :meth:`close`: its slot of the :class:`~inference.kv_cache.KVPool` (bounded: sinks +
 sliding window), the last output mel frames and held-back samples (vocoder context), pending user text
-(bounded), the model side not yet in the cache, the caption decoder and the link of its last context record.
+(bounded), the model side not yet in the cache, the caption decoder, the link of its last context record, and the
+last ``audio_context`` input frames, which the audio encoder hears before the next ones (none without an encoder).
 dMel input features keep no state (each micro-turn is framed on its own). Nothing grows with the length of a
 session.
 
@@ -82,6 +83,7 @@ class Session:
     pending: Tokens  # the last micro-turn's model side, not yet in the cache
     link: bytes  # the link of the session's last context record (the key of the next one)
     said: torch.Tensor  # (flow_text_turns − 1, text_out) caption ids of the last micro-turns, oldest first
+    heard: torch.Tensor  # (audio_context, n_mels) the user's last input frames, what the audio encoder hears before
     text_backlog: deque[int] = field(default_factory=deque)
     captions: tokenizer.CaptionDecoder = field(default_factory=tokenizer.CaptionDecoder)
     requests: tokenizer.RequestSpans = field(default_factory=tokenizer.RequestSpans)  # background requests
@@ -134,8 +136,9 @@ class ReferenceModel:
             raise ValueError(f"session {session_id} is already open")
         silence = torch.full((self.cfg.vocoder_context, self.cfg.n_mels), LOG_MIN)
         said = torch.full((max(0, self.cfg.flow_text_turns - 1), self.cfg.text_out), tokenizer.PAD)
+        heard = torch.zeros(self.cfg.audio_context, self.cfg.n_mels, dtype=torch.long)  # silence before the call
         self.sessions[session_id] = Session(seed, self.pool.alloc(), silence, torch.zeros(SEAM),
-                                            self.layout.silent_model_side(), first_link(seed), said,
+                                            self.layout.silent_model_side(), first_link(seed), said, heard,
                                             trace=Trace() if self.record else None)
         self._slot_owner.append(session_id)
 
@@ -180,7 +183,7 @@ class ReferenceModel:
             texts.append(self._take_text(s, t))
             features = video[b]
             frame = None if features is None else Tokens.of_features(features, cfg.frames_per_token, cfg.n_mels)
-            runs.append(Tokens.cat([s.pending, self.layout.user_side(texts[b][0], frame, bins[b])]))
+            runs.append(Tokens.cat([s.pending, self.layout.user_side(texts[b][0], frame, bins[b], s.heard)]))
 
         z = self._advance(sessions, runs)  # (B, d): trunk state at each session's last user-side token
         logits = [self.net.text_logits(z)]
@@ -212,6 +215,7 @@ class ReferenceModel:
         outputs = []
         for b, (s, t) in enumerate(zip(sessions, turns, strict=True)):
             s.pending = self.layout.model_side(control[b], caption[b], out_bins[b])
+            s.heard = self.layout.heard_next(s.heard, bins[b])
             if s.trace is not None:
                 s.trace.runs.append(runs[b])
                 s.trace.sampled.append(torch.tensor([control[b], *caption[b]]))
@@ -415,9 +419,17 @@ class ReferenceModel:
                     full[k] = TurnRecord.decode(history[k], shape, previous)
                 return full[k]
 
+            def heard_before(k: int) -> torch.Tensor:  # the audio_context input frames before micro-turn k
+                back = -(-self.cfg.audio_context // self.cfg.frames_per_turn)
+                heard = torch.zeros(self.cfg.audio_context, self.cfg.n_mels, dtype=torch.long)
+                for j in range(max(0, k - back), k):
+                    heard = self.layout.heard_next(heard, record(j).audio_bins)
+                return heard
+
             def tokens(start: int, end: int) -> Tokens:  # positions [start, end): micro-turn k's run is k·13 …
                 first, last = start // n_turn, -(-end // n_turn)
-                run = self._turn_tokens([record(k) for k in range(first, last)], record(first - 1) if first else None)
+                run = self._turn_tokens([record(k) for k in range(first, last)], record(first - 1) if first else None,
+                                        heard_before(first))
                 return run.rows(start - first * n_turn, end - first * n_turn)
 
             length = n * n_turn
@@ -429,6 +441,7 @@ class ReferenceModel:
                 s.trace.sampled.extend(torch.tensor([r.control, *r.caption]) for r in records)
             final = record(n - 1)
             s.pending = self._model_side(final)
+            s.heard = heard_before(n)
             self._restore_voice(s, [self._mel(record(k)) for k in range(max(0, n - 2), n)], final.spoke)
         except Exception:
             self.close(session_id)
@@ -443,11 +456,12 @@ class ReferenceModel:
     def _model_side(self, r: TurnRecord) -> Tokens:
         return self.layout.model_side(r.control, r.caption, quantize(self._mel(r)))
 
-    def _turn_tokens(self, records: list[TurnRecord], before: TurnRecord | None) -> Tokens:
+    def _turn_tokens(self, records: list[TurnRecord], before: TurnRecord | None, heard: torch.Tensor) -> Tokens:
         """The tokens consecutive micro-turns ``records`` fed the trunk — each one's run is the model side of the
         micro-turn before it (``before`` for the first; None: the session's initial silent model side), then
-        its user side — built at once: the same tokens as :meth:`TurnLayout.model_side` and
-        :meth:`TurnLayout.user_side` run by run (``tests/test_reference_restore.py`` checks it)."""
+        its user side, whose audio the ``audio_context`` frames ``heard`` preceded — built at once: the same tokens
+        as :meth:`TurnLayout.model_side` and :meth:`TurnLayout.user_side` run by run
+        (``tests/test_reference_restore.py`` checks it)."""
         c = self.cfg
         n_audio, pad = c.audio_tokens, tokenizer.PAD
         silent = torch.zeros(c.frames_per_turn, c.n_mels, dtype=torch.long)
@@ -479,9 +493,12 @@ class ReferenceModel:
             ids += [0] * n_audio
             audio.append(r.audio_bins)
         empty = Tokens.empty(c.frames_per_token, c.n_mels)
+        stream = torch.cat([heard, *(r.audio_bins for r in records)])  # the user's frames, audio_context early
+        starts = [k * c.frames_per_turn + j * c.frames_per_token for k in range(len(records)) for j in range(n_audio)]
         return Tokens(torch.tensor(kinds), torch.tensor(ids),
                       torch.stack(audio).reshape(-1, c.frames_per_token, c.n_mels), empty.patches, empty.grid,
-                      torch.cat(features).float() if features else empty.features)
+                      torch.cat(features).float() if features else empty.features,
+                      torch.stack([stream[i:i + c.audio_context] for i in starts]))
 
     def _restore_voice(self, s: Session, mels: list[torch.Tensor], spoke: bool) -> None:
         """The vocoder state after the last restored micro-turn: its last frames and its held-back tail."""

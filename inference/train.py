@@ -203,9 +203,11 @@ def tone_task(layout: TurnLayout, batch: int, turns: int, generator: torch.Gener
     for _ in range(batch):
         heard = torch.randint(0, len(TONES) + 1, (turns,), generator=generator)  # 0: silence
         examples = []
+        before = torch.zeros(layout.audio_context, layout.n_mels, dtype=torch.long)
         for k in range(turns):
             prev = int(heard[k - 1]) if k else 0
-            user = layout.user_side([], None, bins[int(heard[k])])
+            user = layout.user_side([], None, bins[int(heard[k])], before)
+            before = layout.heard_next(before, bins[int(heard[k])])
             if prev:
                 caption = tokenizer.encode(TONES[prev - 1][0])[: layout.text_out]
                 caption += [tokenizer.PAD] * (layout.text_out - len(caption))

@@ -76,6 +76,7 @@ class TrainSettings:
     parts: str = "all"  # all | flow: train only the flow head, the rest frozen (batch: spoken micro-turns)
     decision_weight: float = 0.0  # weight of the SPEAK/SILENT decision loss (see inference.train); 0: none
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
+    audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
 
 
@@ -150,6 +151,8 @@ class Trainer:
         self.cfg = load_config(s.init) if s.init is not None else get_preset(s.preset)
         if s.flow_text_turns is not None:
             self.cfg = dataclasses.replace(self.cfg, flow_text_turns=s.flow_text_turns)
+        if s.audio_context is not None:
+            self.cfg = dataclasses.replace(self.cfg, audio_context=s.audio_context)
         self.layout = TurnLayout.of(self.cfg)
         self.train_files = _split(s.data, "train")
         self.val_files = _split(s.data, "validation", "val")
@@ -175,12 +178,12 @@ class Trainer:
             self._load()
 
     def _start_from(self, init: ReferenceNet) -> None:
-        """Copy ``init``'s weights; only the flow head's caption-context weights may be missing from them (new
-        with ``flow_text_turns``), or be left out (a context of 0)."""
+        """Copy ``init``'s weights; only the flow head's caption-context weights and the audio encoder's may be
+        missing from them (new with ``flow_text_turns`` or ``audio_context``), or be left out (a context of 0)."""
         own, given = self.net.state_dict(), init.state_dict()
         new = {k for k in own if k not in given}
         dropped = {k for k in given if k not in own}
-        if any(not k.startswith("flow.text") for k in new | dropped):
+        if any(not k.startswith(("flow.text", "audio.")) for k in new | dropped):
             raise ValueError(f"{self.s.init}: its weights do not fit this model ({sorted(new | dropped)[:4]} …)")
         self.net.load_state_dict({k: v for k, v in given.items() if k in own}, strict=False)
 
@@ -323,6 +326,10 @@ class Trainer:
         plot_losses(self.history, s.out / "loss.png")
 
     def _load(self) -> None:
+        saved_model = self.s.out / "checkpoint"
+        if (saved_model / "config.json").exists() and load_config(saved_model) != self.cfg:
+            raise ValueError(f"{self.s.out}: this run trains another model (another --preset, --init, --audio-context "
+                             "or --flow-text-turns); resume it the way it was started")
         state = torch.load(self.s.out / "state.pt", map_location=self.s.device, weights_only=False)
         self.net.load_state_dict(state["net"])
         saved = state.get("listen")

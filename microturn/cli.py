@@ -120,7 +120,8 @@ def _train(args: argparse.Namespace) -> int:
                              val_every=args.val_every, val_windows=args.val_windows, save_every=args.save_every,
                              seed=args.seed, device=args.device, threads=args.threads, init=args.init,
                              parts=args.parts, decision_weight=args.decision_weight,
-                             flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight)
+                             flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight,
+                             audio_context=args.audio_context)
     result = Trainer(settings).run()
     print(json.dumps(result))
     return 0
@@ -278,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--flow-text-turns", type=int,
                        help="micro-turns of caption bytes the flow head sees (default: the preset's or --init's); "
                        "with --init, new weights for that part of the head")
+    train.add_argument("--audio-context", type=int,
+                       help="frames of the user's audio before each audio-in token that an audio encoder also "
+                       "hears (inference.audio_encoder; default: the preset's or --init's, 0: none); with --init, "
+                       "a new encoder that starts out changing nothing")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON")

@@ -3,6 +3,7 @@ conditioning of one causal forward over the whole sequence, also after the slidi
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from inference import tokenizer
@@ -28,8 +29,9 @@ def _offline(model: ReferenceModel, session_id: str) -> tuple[torch.Tensor, torc
     return logits.flatten(0, 1), cond
 
 
-def test_stepping_equals_one_causal_forward_after_eviction() -> None:
-    cfg = small_config()
+@pytest.mark.parametrize("audio_context", [0, 28])
+def test_stepping_equals_one_causal_forward_after_eviction(audio_context: int) -> None:
+    cfg = small_config(audio_context=audio_context)
     model = ReferenceModel(make_net(cfg), record=True)
     model.open("a", seed=3)
     run(model, "a", 24)

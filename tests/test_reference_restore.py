@@ -103,9 +103,10 @@ def _visible_kv(model: ReferenceModel, sid: str) -> tuple[torch.Tensor, torch.Te
     return pos[rows], pool.k[:, slot, :, rows], pool.v[:, slot, :, rows]
 
 
-@pytest.mark.parametrize(("name", "n"), [("small", 60), ("tiny", 300)])
+@pytest.mark.parametrize(("name", "n"), [("small", 60), ("small with an audio encoder", 60), ("tiny", 300)])
 def test_restored_session_continues_like_the_original(tmp_path: Path, name: str, n: int) -> None:
-    cfg = small_config() if name == "small" else preset("tiny")
+    cfg = {"small": small_config(), "small with an audio encoder": small_config(audio_context=20),
+           "tiny": preset("tiny")}[name]
     assert n * cfg.turn_tokens > cfg.n_layers * cfg.window  # keys were evicted, and the rebuild skips the start
     path = _checkpoint(tmp_path, cfg)
     a = _model(path)
@@ -242,8 +243,9 @@ def test_long_history_rebuilds_the_full_cache_from_its_last_window_only() -> Non
         torch.testing.assert_close(x, y, rtol=0, atol=ATOL_KV)
 
 
-def test_tokens_built_at_once_equal_the_layout_run_by_run() -> None:
-    cfg = small_config()
+@pytest.mark.parametrize("audio_context", [0, 20])
+def test_tokens_built_at_once_equal_the_layout_run_by_run(audio_context: int) -> None:
+    cfg = small_config(audio_context=audio_context)
     model = ReferenceModel(make_net(cfg))
     history = _synthetic_history(cfg, 8, seed=0)
     link, records = first_link(0), []
@@ -251,10 +253,14 @@ def test_tokens_built_at_once_equal_the_layout_run_by_run() -> None:
         records.append(TurnRecord.decode(data, model.record_shape, link))
         link = data[-LINK:]
     runs = []
+    heard = torch.zeros(audio_context, cfg.n_mels, dtype=torch.long)
     for k, r in enumerate(records):
         frame = None if r.video is None else Tokens.of_features(r.video, cfg.frames_per_token, cfg.n_mels)
         before = model.layout.silent_model_side() if k == 0 else model._model_side(records[k - 1])
-        runs.append(Tokens.cat([before, model.layout.user_side(r.text_slots, frame, r.audio_bins)]))
-    expected, got = Tokens.cat(runs), model._turn_tokens(records, None)
+        runs.append(Tokens.cat([before, model.layout.user_side(r.text_slots, frame, r.audio_bins, heard)]))
+        heard = model.layout.heard_next(heard, r.audio_bins)
+    expected = Tokens.cat(runs)
+    got = model._turn_tokens(records, None, torch.zeros(audio_context, cfg.n_mels, dtype=torch.long))
     for field in dataclasses.fields(Tokens):
         assert torch.equal(getattr(got, field.name), getattr(expected, field.name)), field.name
+    assert got.before.shape == (2 * len(records), audio_context, cfg.n_mels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,15 @@ def write_data_set(folder: Path, train: int) -> Path:
     return folder
 
 
-def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("audio_context", [0, 12])
+def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path, audio_context: int) -> None:
     path = write_conversation(tmp_path, "c0", 0)
     conv = Conversation.load(path)
-    cfg = preset("tiny")
+    cfg = dataclasses.replace(preset("tiny"), audio_context=audio_context)
     got = examples(conv, cfg)
     assert len(got) == TURNS
     torch.manual_seed(0)
-    model = ReferenceModel(ReferenceNet(cfg).eval())
+    model = ReferenceModel(ReferenceNet(cfg).eval(), record=True)
     model.open("s", 7)
     contexts = []
     for k in range(TURNS):  # the same micro-turns, live through the engine's model
@@ -83,6 +85,16 @@ def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path) -> N
         assert [i for i in text_rows if i != tokenizer.PAD] == record.text_slots, k
         assert torch.equal(example.user.dmel.reshape(-1, cfg.n_mels), record.audio_bins.long()), k
         assert (record.video is not None) == bool(conv.camera[k])
+    # what the audio encoder hears before each audio-in token: the engine's live frames, from any window start
+    trace = model.sessions["s"].trace
+    assert trace is not None
+    assert all(torch.equal(run.before, e.user.before) for run, e in zip(trace.runs, got, strict=True))
+    assert got[3].user.before.shape == (cfg.audio_tokens, audio_context, cfg.n_mels)
+    if audio_context:
+        assert int(got[3].user.before.sum()) > 0 and int(got[0].user.before[0].sum()) == 0  # silence before the call
+    window = examples(conv, cfg, 5, 4)
+    assert all(torch.equal(a.user.before, b.user.before) and torch.equal(a.user.dmel, b.user.dmel)
+               for a, b in zip(window, got[5:9], strict=True))
     # the targets: speak while the model audio plays, its caption bytes in order, the floor mel when silent
     controls = [e.control for e in got]
     assert controls == [tokenizer.SPEAK if s else tokenizer.SILENT for s in conv.meta["model_speaks"]]
