@@ -58,16 +58,21 @@ class AudioEncoder(nn.Module):
         self.bins = nn.Embedding(n_mels * dmel_bins, bin_dim)
         self.frame = nn.Linear(n_mels * bin_dim, dim)
         self.convs = nn.ModuleList(nn.Conv1d(dim, dim, KERNEL, stride=s) for s in STRIDES)
-        self.out = nn.Linear(dim * encoded_length(window), d_model)
+        self.feature_dim = dim * encoded_length(window)
+        self.out = nn.Linear(self.feature_dim, d_model)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.register_buffer("channel_offset", torch.arange(n_mels) * dmel_bins, persistent=False)
         self.channel_offset: torch.Tensor
 
-    def forward(self, bins: torch.Tensor) -> torch.Tensor:
+    def features(self, bins: torch.Tensor) -> torch.Tensor:
+        """(N, window, n_mels) bins → (N, feature_dim): what the convolutions heard, before the projection."""
         n = bins.shape[0]
         x = self.bins(bins + self.channel_offset).flatten(2)  # (N, window, n_mels · bin_dim)
         x = F.pad(F.gelu(self.frame(x)).transpose(1, 2), (self.pad, 0))  # (N, dim, pad + window)
         for conv in self.convs:
             x = F.gelu(conv(x))  # (N, dim, shorter)
-        return self.out(x.reshape(n, -1))
+        return x.reshape(n, -1)
+
+    def forward(self, bins: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(bins))

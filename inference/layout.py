@@ -99,6 +99,12 @@ class Tokens:
         return Tokens(torch.full((n,), FEATURE, dtype=torch.long), torch.zeros(n, dtype=torch.long), e.dmel,
                       e.patches, e.grid, features.float(), e.before)
 
+    def heard_windows(self) -> torch.Tensor:
+        """(Ni, audio_context + G, n_mels): each AUDIO_IN token's frames after the frames before them, in row
+        order (what the audio encoder hears)."""
+        audio_in = self.kind[(self.kind == AUDIO_IN) | (self.kind == AUDIO_OUT)] == AUDIO_IN
+        return torch.cat([self.before, self.dmel[audio_in]], dim=1)
+
     def to(self, device: torch.device) -> Tokens:
         return Tokens(self.kind.to(device), self.text.to(device), self.dmel.to(device),
                       self.patches.to(device), self.grid.to(device), self.features.to(device), self.before.to(device))

@@ -8,6 +8,11 @@ ended in that micro-turn, one logit per word of the train split's vocabulary (mu
 follows a proportional rule like the captions' (:mod:`inference.synth.captions`): an utterance's text is spread
 over its audio in proportion to its length, and a word ends at the sample its last character's share ends at.
 
+With an audio encoder (:mod:`inference.audio_encoder`) the probe may instead listen at the encoder (``at =
+"encoder"``, ``microturn train --listen-at encoder``): it then reads what the encoder's convolutions heard for the
+micro-turn's last audio-in token (before their projection into the trunk). That trains the encoder to recognise
+words directly, the way a speech recogniser is trained, instead of through the trunk.
+
 The probe is not part of the served model: ``microturn train --listen-weight W`` trains it beside the model and
 keeps it in the run's ``state.pt`` only.
 """
@@ -28,6 +33,10 @@ from torch import nn
 from microturn.contracts import MICRO_TURN_SAMPLES
 
 _WORD = re.compile(r"[A-Za-z']+")
+
+PLACES = ("trunk", "encoder")
+"""Where a probe listens: the trunk's state at a micro-turn's last user-side token, or the audio encoder's features
+of its last audio-in token."""
 
 
 def words_of(text: str) -> list[tuple[str, int]]:
@@ -62,21 +71,23 @@ def heard(meta: dict[str, Any], vocab: list[str], start: int, length: int) -> to
 
 
 class ListenProbe(nn.Module):
-    """A linear probe from the trunk's state (d) to one logit per vocabulary word.
+    """A linear probe from the trunk's state (d), or the audio encoder's features, to one logit per vocabulary word.
 
     It starts with zero weights, so its first step sends no gradient into a trained trunk (the trunk's share then
     grows as the probe learns), and with every word unlikely (a bias of −log V, near a word's base rate), so its
     first losses are not spent on learning that most words are not said in most micro-turns."""
 
-    def __init__(self, d_model: int, vocab: list[str]) -> None:
+    def __init__(self, d_in: int, vocab: list[str], at: str = "trunk") -> None:
         super().__init__()
-        self.vocab = list(vocab)
-        self.head = nn.Linear(d_model, len(vocab))
+        if at not in PLACES:
+            raise ValueError(f"a listening probe listens at one of {', '.join(PLACES)}, not {at!r}")
+        self.vocab, self.at = list(vocab), at
+        self.head = nn.Linear(d_in, len(vocab))
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, -math.log(max(2, len(vocab))))
 
     def loss(self, state: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy of (M, d) trunk states against (M, V) words heard, summed over the words and
+        """Binary cross-entropy of (M, d_in) states against (M, V) words heard, summed over the words and
         averaged over micro-turns (a micro-turn holds a word or two of a few hundred)."""
         logits = self.head(state)
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / max(1, len(state))

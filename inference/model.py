@@ -157,8 +157,8 @@ class ReferenceNet(nn.Module):
                 if tokens.before.shape[1] != self.cfg.audio_context:
                     raise ValueError(f"audio-in tokens carry {tokens.before.shape[1]} frames before them; this "
                                      f"model hears {self.cfg.audio_context}")
-                window = torch.cat([tokens.before, tokens.dmel[heard]], dim=1)  # (Ni, audio_context + G, M)
-                audio = audio.index_put((heard.nonzero().squeeze(1),), self.audio(window), accumulate=True)
+                audio = audio.index_put((heard.nonzero().squeeze(1),), self.audio(tokens.heard_windows()),
+                                        accumulate=True)
             x = x.index_put((audio_rows,), audio)
         if len(patch_rows):
             x = x.index_put((patch_rows,), self.stem(tokens.patches, tokens.grid))

@@ -148,9 +148,18 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
     balance = torch.stack([r.balance_loss for r in routings]).mean()
     listen = torch.zeros((), device=device)
     if probe is not None and batch.heard is not None:
-        listen = probe.loss(forced.state, batch.heard.to(device))
+        listen = probe.loss(forced.state if probe.at == "trunk" else heard_features(net, batch), batch.heard.to(device))
     total = text + flow + balance_weight * balance + listen_weight * listen
     return Losses(text, flow, balance, total, listen), torch.stack([r.load for r in routings])
+
+
+def heard_features(net: ReferenceNet, batch: TrainBatch) -> torch.Tensor:
+    """(M, feature_dim): the audio encoder's features of each micro-turn's last audio-in token (see
+    :mod:`inference.listen`)."""
+    if net.audio is None:
+        raise ValueError("this model has no audio encoder to listen at")
+    windows = batch.tokens.heard_windows().to(net.text_head.weight.device)  # audio_tokens per micro-turn, in order
+    return net.audio.features(windows)[net.cfg.audio_tokens - 1::net.cfg.audio_tokens]
 
 
 def flow_loss(net: ReferenceNet, cond: torch.Tensor, text: torch.Tensor, mel: torch.Tensor,

@@ -16,10 +16,10 @@ folder that has ``state.pt`` resumes it: the same seed, data and settings give t
 never interrupted.
 
 With ``listen_weight`` > 0 the run also trains the listening probe (:mod:`inference.listen`) on the trunk's
-states; its vocabulary is the train split's words, kept in the run folder as ``listen_vocab.json``, and its weights
-are kept in ``state.pt`` only (the served checkpoint is the model alone). The training loss it logs and plots then
-includes the probe's weighted loss (logged on its own too); validation leaves it out, so validation losses compare
-across runs with and without the probe.
+states (or, with ``listen_at = "encoder"``, on the audio encoder's features); its vocabulary is the train split's
+words, kept in the run folder as ``listen_vocab.json``, and its weights are kept in ``state.pt`` only (the served
+checkpoint is the model alone). The training loss it logs and plots then includes the probe's weighted loss (logged
+on its own too); validation leaves it out, so validation losses compare across runs with and without the probe.
 
 A run may start from a trained checkpoint (``init``) and train only some of it (``parts``): ``flow`` trains the flow
 head (the audio out) on the frozen rest. Since nothing before the flow head changes, what conditions it is computed
@@ -78,6 +78,7 @@ class TrainSettings:
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
+    listen_at: str = "trunk"  # where the probe listens: trunk | encoder (the audio encoder's features)
 
 
 @dataclass
@@ -163,7 +164,7 @@ class Trainer:
         if s.parts == "flow":
             self.net.requires_grad_(False)
             self.net.flow.requires_grad_(True)
-        self.probe = ListenProbe(self.cfg.d_model, self._listen_vocab()).to(s.device) if s.listen_weight else None
+        self.probe = self._probe() if s.listen_weight else None
         trained = [p for p in self.net.parameters() if p.requires_grad]
         if self.probe is not None:
             trained += list(self.probe.parameters())
@@ -198,6 +199,14 @@ class Trainer:
         self.s.out.mkdir(parents=True, exist_ok=True)
         torch.save({name: asdict(p) for name, p in pairs.items()}, path)
         return pairs
+
+    def _probe(self) -> ListenProbe:
+        """The listening probe, at the trunk's state or at the audio encoder's features."""
+        if self.s.listen_at == "encoder":
+            if self.net.audio is None:
+                raise ValueError("--listen-at encoder needs an audio encoder (--audio-context)")
+            return ListenProbe(self.net.audio.feature_dim, self._listen_vocab(), "encoder").to(self.s.device)
+        return ListenProbe(self.cfg.d_model, self._listen_vocab(), self.s.listen_at).to(self.s.device)
 
     def _listen_vocab(self) -> list[str]:
         """The listening probe's vocabulary: the run folder's (saved with the first state), or the train split's."""
@@ -337,6 +346,9 @@ class Trainer:
             started = "without" if saved is None else "with"
             raise ValueError(f"{self.s.out}: this run was started {started} --listen-weight; resume it the same way")
         if self.probe is not None:
+            if state["settings"].get("listen_at", "trunk") != self.s.listen_at:
+                raise ValueError(f"{self.s.out}: this run's probe listens at the "
+                                 f"{state['settings'].get('listen_at', 'trunk')}; resume it with that --listen-at")
             self.probe.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])

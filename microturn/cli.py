@@ -121,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
                              seed=args.seed, device=args.device, threads=args.threads, init=args.init,
                              parts=args.parts, decision_weight=args.decision_weight,
                              flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight,
-                             audio_context=args.audio_context)
+                             audio_context=args.audio_context, listen_at=args.listen_at)
     result = Trainer(settings).run()
     print(json.dumps(result))
     return 0
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--flow-text-turns", type=int,
                        help="micro-turns of caption bytes the flow head sees (default: the preset's or --init's); "
                        "with --init, new weights for that part of the head")
+    train.add_argument("--listen-at", choices=["trunk", "encoder"], default="trunk",
+                       help="where the --listen-weight probe listens: the trunk's state, or the audio encoder's "
+                       "features (which trains the encoder to recognise words)")
     train.add_argument("--audio-context", type=int,
                        help="frames of the user's audio before each audio-in token that an audio encoder also "
                        "hears (inference.audio_encoder; default: the preset's or --init's, 0: none); with --init, "

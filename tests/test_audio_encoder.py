@@ -1,5 +1,6 @@
 """The audio encoder: it hears every frame of its window, the newest included, and nothing after a token; added to
-a trained model it changes nothing until trained, then trains with the rest; a run resumes only as it started."""
+a trained model it changes nothing until trained, then trains with the rest; a run resumes only as it started; a
+listening probe at the encoder hears each micro-turn's last audio-in token."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
+from inference import tokenizer
 from inference.audio_encoder import AudioEncoder, encoded_length
 from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.layout import AUDIO_IN, TurnLayout
-from inference.train import teacher_forced
+from inference.train import TurnExample, build_batch, heard_features, teacher_forced
 from inference.trainer import Trainer, TrainSettings
 from tests._reference_helpers import make_net, small_config
 from tests.test_trainer import write_data_set
@@ -75,3 +77,32 @@ def test_a_new_encoder_changes_nothing_until_trained_and_a_run_resumes_only_as_i
     again = Trainer(TrainSettings(out=tmp_path / "b", steps=2, **{**base, "init": tmp_path / "a" / "checkpoint",
                                                                   "audio_context": None}))
     assert again.net.audio is not None and torch.equal(again.net.audio.out.weight, after.audio.out.weight)
+
+
+def test_a_probe_at_the_encoder_hears_each_micro_turns_last_audio_token(tmp_path: Path) -> None:
+    cfg = small_config(audio_context=12)
+    net, layout = make_net(cfg), TurnLayout.of(cfg)
+    turns = [torch.randint(0, 16, (cfg.frames_per_turn, cfg.n_mels)) for _ in range(3)]
+    examples, before = [], torch.zeros(12, cfg.n_mels, dtype=torch.long)
+    for bins in turns:
+        examples.append(TurnExample(layout.user_side([], None, bins, before), tokenizer.SILENT,
+                                    [tokenizer.PAD] * cfg.text_out, torch.full((8, cfg.n_mels), -5.0)))
+        before = layout.heard_next(before, bins)
+    batch = build_batch(layout, [examples[:2], examples[2:]])
+    with torch.no_grad():
+        got = heard_features(net, batch)
+        stream = torch.cat([torch.zeros(12, cfg.n_mels, dtype=torch.long), *turns])  # 12 frames of silence first
+        want = torch.stack([net.audio.features(stream[None, 8 * k + 4:8 * k + 20])[0] for k in range(3)])
+    assert got.shape == (3, net.audio.feature_dim)
+    torch.testing.assert_close(got, want)
+
+    data = write_data_set(tmp_path / "data", 2)
+    base: dict[str, Any] = dict(data=data, batch=2, window=6, val_every=2, save_every=2, val_windows=1, warmup=1,
+                                listen_weight=1.0, listen_at="encoder")
+    with pytest.raises(ValueError, match="audio encoder"):
+        Trainer(TrainSettings(out=tmp_path / "none", steps=2, **base))
+    run = Trainer(TrainSettings(out=tmp_path / "a", steps=2, audio_context=12, **base))
+    assert run.probe is not None and run.probe.at == "encoder"
+    run.run()
+    with pytest.raises(ValueError, match="listen-at"):
+        Trainer(TrainSettings(out=tmp_path / "a", steps=4, audio_context=12, **{**base, "listen_at": "trunk"}))
