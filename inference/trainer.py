@@ -49,10 +49,19 @@ from inference.conversation import Conversation, conversations, examples
 from inference.layout import TurnLayout
 from inference.listen import ListenProbe, heard, vocabulary_of
 from inference.model import ReferenceNet
-from inference.train import Losses, TrainBatch, build_batch, compute_losses, flow_loss, teacher_forced, train_step
+from inference.train import (
+    Losses,
+    TrainBatch,
+    build_batch,
+    compute_losses,
+    flow_loss,
+    heard_features,
+    teacher_forced,
+    train_step,
+)
 
-PARTS = ("all", "flow")
-"""What a run trains: the whole model, or only the flow head."""
+PARTS = ("all", "flow", "encoder")
+"""What a run trains: the whole model, only the flow head, or only the audio encoder (to recognise words)."""
 
 
 @dataclass
@@ -147,8 +156,11 @@ class Trainer:
             torch.set_num_threads(s.threads)
         if s.parts not in PARTS:
             raise ValueError(f"--parts must be one of {', '.join(PARTS)}, not {s.parts!r}")
-        if s.listen_weight and s.parts != "all":
+        if s.listen_weight and s.parts == "flow":
             raise ValueError("--listen-weight trains the trunk; it cannot go with --parts flow")
+        if s.parts == "encoder" and not (s.listen_weight and s.listen_at == "encoder"):
+            raise ValueError("--parts encoder trains the audio encoder on the listening probe alone: give "
+                             "--listen-weight and --listen-at encoder")
         self.cfg = load_config(s.init) if s.init is not None else get_preset(s.preset)
         if s.flow_text_turns is not None:
             self.cfg = dataclasses.replace(self.cfg, flow_text_turns=s.flow_text_turns)
@@ -164,6 +176,9 @@ class Trainer:
         if s.parts == "flow":
             self.net.requires_grad_(False)
             self.net.flow.requires_grad_(True)
+        if s.parts == "encoder" and self.net.audio is not None:
+            self.net.requires_grad_(False)
+            self.net.audio.requires_grad_(True)
         self.probe = self._probe() if s.listen_weight else None
         trained = [p for p in self.net.parameters() if p.requires_grad]
         if self.probe is not None:
@@ -257,10 +272,29 @@ class Trainer:
         zero = torch.zeros(())
         return Losses(zero, loss.detach(), zero, loss.detach(), zero), self.s.batch
 
+    def _encoder_step(self) -> tuple[Losses, int]:
+        """One optimiser step of the audio encoder and the probe listening at it, on ``batch`` windows; the trunk
+        and the heads do not run."""
+        assert self.probe is not None and self.net.audio is not None
+        batch = self._batch()
+        self.net.audio.train()
+        loss = self._encoder_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*self.net.audio.parameters(), *self.probe.parameters()], 1.0)
+        self.optimizer.step()
+        zero = torch.zeros(())
+        return Losses(zero, zero, zero, loss.detach(), loss.detach()), len(batch.rows)
+
+    def _encoder_loss(self, batch: TrainBatch) -> torch.Tensor:
+        assert self.probe is not None and batch.heard is not None
+        return self.probe.loss(heard_features(self.net, batch), batch.heard.to(self.s.device))
+
     def validate(self) -> tuple[float, float]:
         """Mean total loss over fixed windows of the validation split (the same windows every time; the model's
         own losses, without the listening probe's), and the probe's mean loss on them (0 without one); for a flow
-        run, the flow loss of its validation pairs (with the same noise every time)."""
+        run, the flow loss of its validation pairs (with the same noise every time); for an encoder run, the
+        probe's loss, twice."""
         gen = torch.Generator().manual_seed(12345)
         self.net.eval()
         if self.pairs:
@@ -271,6 +305,11 @@ class Trainer:
             for i in range(self.s.val_windows):
                 conv = self._conversation(self.val_files[i % len(self.val_files)])
                 batch = self._windows([(conv, *_window(conv, self.s.window, gen))])
+                if self.s.parts == "encoder":
+                    heard_loss = float(self._encoder_loss(batch))
+                    totals.append(heard_loss)
+                    listening.append(heard_loss)
+                    continue
                 losses, _ = compute_losses(self.net, batch, gen, probe=self.probe, listen_weight=0.0)
                 totals.append(float(losses.total))
                 listening.append(float(losses.listen))
@@ -288,6 +327,8 @@ class Trainer:
                 group["lr"] = _lr(s, self.step)
             if s.parts == "flow":
                 losses, turns = self._flow_step()
+            elif s.parts == "encoder":
+                losses, turns = self._encoder_step()
             else:
                 batch = self._batch()
                 losses = train_step(self.net, self.optimizer, batch, self.noise_gen, decision_weight=s.decision_weight,

@@ -268,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     train.add_argument("--init", type=Path, help="start from this checkpoint's weights instead of a random --preset")
-    train.add_argument("--parts", choices=["all", "flow"], default="all",
-                       help="flow: train only the flow head (audio out), the rest of the model frozen")
+    train.add_argument("--parts", choices=["all", "flow", "encoder"], default="all",
+                       help="flow: train only the flow head (audio out), the rest of the model frozen; encoder: "
+                       "train only the audio encoder, on its listening probe (with --listen-at encoder)")
     train.add_argument("--decision-weight", type=float, default=0.0,
                        help="weight of an extra loss on the SPEAK/SILENT decision, its changes counted more "
                        "(inference.train.CHANGE_WEIGHT times; 0: off)")

@@ -106,3 +106,20 @@ def test_a_probe_at_the_encoder_hears_each_micro_turns_last_audio_token(tmp_path
     run.run()
     with pytest.raises(ValueError, match="listen-at"):
         Trainer(TrainSettings(out=tmp_path / "a", steps=4, audio_context=12, **{**base, "listen_at": "trunk"}))
+
+
+def test_an_encoder_run_trains_the_encoder_alone_on_its_probe(tmp_path: Path) -> None:
+    data = write_data_set(tmp_path / "data", 2)
+    trained = save_checkpoint(make_net(small_config()), tmp_path / "trained")
+    base: dict[str, Any] = dict(data=data, batch=2, window=6, val_every=3, save_every=3, val_windows=1, warmup=1,
+                                init=trained, audio_context=12, parts="encoder", steps=3)
+    with pytest.raises(ValueError, match="listen-at encoder"):
+        Trainer(TrainSettings(out=tmp_path / "a", listen_weight=1.0, **base))
+    run = Trainer(TrainSettings(out=tmp_path / "b", listen_weight=1.0, listen_at="encoder", **base))
+    start = {k: v.clone() for k, v in run.net.state_dict().items()}
+    result = run.run()
+    assert result["validation_loss"] > 0
+    after = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, start[k])}
+    assert {"audio.frame.weight", "audio.convs.2.weight"} <= changed
+    assert all(k.startswith("audio.") and not k.startswith("audio.out") for k in changed), changed
