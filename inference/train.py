@@ -158,8 +158,9 @@ def heard_features(net: ReferenceNet, batch: TrainBatch) -> torch.Tensor:
     :mod:`inference.listen`)."""
     if net.audio is None:
         raise ValueError("this model has no audio encoder to listen at")
-    windows = batch.tokens.heard_windows().to(net.text_head.weight.device)  # audio_tokens per micro-turn, in order
-    return net.audio.features(windows)[net.cfg.audio_tokens - 1::net.cfg.audio_tokens]
+    windows = batch.tokens.heard_windows()  # (M · audio_tokens, window, n_mels), each micro-turn's in order
+    last = windows[net.cfg.audio_tokens - 1::net.cfg.audio_tokens]
+    return net.audio.features(last.to(net.text_head.weight.device))
 
 
 def flow_loss(net: ReferenceNet, cond: torch.Tensor, text: torch.Tensor, mel: torch.Tensor,
