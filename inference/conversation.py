@@ -70,8 +70,9 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
     lead = min(start, -(-cfg.audio_context // cfg.frames_per_turn))  # micro-turns before the window its audio hears
     microphone = dmel.DMelStream()  # the engine's own input features (dithered)
     heard = microphone.step(_turns(conv.user_audio[(start - lead) * MICRO_TURN_SAMPLES:end * MICRO_TURN_SAMPLES]))
-    # the user's frames from micro-turn start − lead on, after audio_context frames of the silence before the call
-    stream = torch.cat([torch.zeros(cfg.audio_context, cfg.n_mels, dtype=torch.long), heard.flatten(0, 1)])
+    before = torch.zeros(cfg.audio_context, cfg.n_mels, dtype=torch.long)  # the silence before the call
+    for bins in heard[:lead]:
+        before = layout.heard_next(before, bins)
     heard = heard[lead:]  # (n, frames, n_mels)
     said = dmel.micro_turn_log_mel(_turns(conv.model_audio[start * MICRO_TURN_SAMPLES:end * MICRO_TURN_SAMPLES]),
                                    microphone.fb)
@@ -103,10 +104,9 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
             pixels, places = patches_at(frame, layout.video_patches(k, n_patches).tolist())
             video = Tokens.of_patches(pixels, places, cfg.frames_per_token, cfg.n_mels)
         mel = said[k - start] if speaks else torch.full_like(said[k - start], dmel.LOG_MIN)
-        first = (k - start + lead) * cfg.frames_per_turn  # micro-turn k's first frame in stream, less audio_context
-        before = stream[first:first + cfg.audio_context]
         out.append(TurnExample(layout.user_side(slots, video, heard[k - start], before),
                                tokenizer.SPEAK if speaks else tokenizer.SILENT, ids, mel))
+        before = layout.heard_next(before, heard[k - start])
     return out
 
 

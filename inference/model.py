@@ -152,13 +152,13 @@ class ReferenceNet(nn.Module):
         if len(audio_rows):
             bins = self.bin_emb(tokens.dmel + self.channel_offset)  # (Na, G, M, e)
             audio = self.dmel_proj(bins.flatten(1)) + self.source(tokens.kind[audio_rows] - AUDIO_IN)
-            heard = tokens.kind[audio_rows] == AUDIO_IN
-            if self.audio is not None and bool(heard.any()):
-                if tokens.before.shape[1] != self.cfg.audio_context:
+            if self.audio is not None:
+                heard = (tokens.kind[audio_rows] == AUDIO_IN).nonzero().squeeze(1)  # the user's, among audio_rows
+                if len(heard) and tokens.before.shape[1] != self.cfg.audio_context:
                     raise ValueError(f"audio-in tokens carry {tokens.before.shape[1]} frames before them; this "
                                      f"model hears {self.cfg.audio_context}")
-                audio = audio.index_put((heard.nonzero().squeeze(1),), self.audio(tokens.heard_windows()),
-                                        accumulate=True)
+                if len(heard):
+                    audio = audio.index_put((heard,), self.audio(tokens.heard_windows()), accumulate=True)
             x = x.index_put((audio_rows,), audio)
         if len(patch_rows):
             x = x.index_put((patch_rows,), self.stem(tokens.patches, tokens.grid))
