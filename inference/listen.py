@@ -4,9 +4,11 @@ The model's own losses reward hearing the user's words only where an answer depe
 per question, and through a long path (the question's audio, attention, the depth head, the caption's first bytes).
 This auxiliary task gives hearing a dense signal of its own: a linear probe on the trunk's state at the last
 user-side token of every micro-turn (the row the model side is predicted from) says which of the user's words
-ended in that micro-turn, one logit per word of the train split's vocabulary (multi-label). Where a word ends
-follows a proportional rule like the captions' (:mod:`inference.synth.captions`): an utterance's text is spread
-over its audio in proportion to its length, and a word ends at the sample its last character's share ends at.
+ended in that micro-turn, one logit per word of the train split's vocabulary (multi-label); with a ``span``, which
+words it said in the last ``span`` micro-turns, so that the trunk must gather a question's words in one state.
+Where a word ends follows a proportional rule like the captions' (:mod:`inference.synth.captions`): an utterance's
+text is spread over its audio in proportion to its length, and a word ends at the sample its last character's
+share ends at.
 
 With an audio encoder (:mod:`inference.audio_encoder`) the probe may instead listen at the encoder (``at =
 "encoder"``, ``microturn train --listen-at encoder``): it then reads what the encoder's convolutions heard for the
@@ -56,17 +58,22 @@ def vocabulary_of(conversations: list[Path]) -> list[str]:
     return vocabulary([json.loads(p.with_suffix(".json").read_text()) for p in conversations])
 
 
-def heard(meta: dict[str, Any], vocab: list[str], start: int, length: int) -> torch.Tensor:
+def heard(meta: dict[str, Any], vocab: list[str], start: int, length: int, span: int = 1) -> torch.Tensor:
     """(length, V) 0/1: which words of ``vocab`` the user finished saying in micro-turns ``[start, start +
-    length)`` of a conversation (its ``user_speech`` spans and ``user_speech_text``)."""
+    length)`` of a conversation (its ``user_speech`` spans and ``user_speech_text``). With ``span`` > 1 a word
+    stays heard for ``span`` micro-turns from the one it ends in: the target is then what the user said in the
+    last ``span`` micro-turns (a question's words, together, by the time it is answered)."""
+    if span < 1:
+        raise ValueError(f"a word is heard for at least one micro-turn, not {span}")
     index = {word: i for i, word in enumerate(vocab)}
     out = torch.zeros(length, len(vocab))
     for (first, last), text in zip(meta["user_speech"], meta["user_speech_text"], strict=True):
         for word, end in words_of(text):
+            if word not in index:
+                continue
             sample = min(first + (last - first) * end // max(1, len(text)), last - 1)
-            k = sample // MICRO_TURN_SAMPLES - start
-            if word in index and 0 <= k < length:
-                out[k, index[word]] = 1.0
+            ends = sample // MICRO_TURN_SAMPLES - start
+            out[max(0, ends):max(0, min(length, ends + span)), index[word]] = 1.0
     return out
 
 

@@ -16,10 +16,11 @@ folder that has ``state.pt`` resumes it: the same seed, data and settings give t
 never interrupted.
 
 With ``listen_weight`` > 0 the run also trains the listening probe (:mod:`inference.listen`) on the trunk's
-states (or, with ``listen_at = "encoder"``, on the audio encoder's features); its vocabulary is the train split's
-words, kept in the run folder as ``listen_vocab.json``, and its weights are kept in ``state.pt`` only (the served
-checkpoint is the model alone). The training loss it logs and plots then includes the probe's weighted loss (logged
-on its own too); validation leaves it out, so validation losses compare across runs with and without the probe.
+states (or, with ``listen_at = "encoder"``, on the audio encoder's features), with targets that hold each word
+for ``listen_span`` micro-turns; its vocabulary is the train split's words, kept in the run folder as
+``listen_vocab.json``, and its weights are kept in ``state.pt`` only (the served checkpoint is the model alone).
+The training loss it logs and plots then includes the probe's weighted loss (logged on its own too); validation
+leaves it out, so validation losses compare across runs with and without the probe.
 
 A run may start from a trained checkpoint (``init``) and train only some of it (``parts``): ``flow`` trains the flow
 head (the audio out) on the frozen rest. Since nothing before the flow head changes, what conditions it is computed
@@ -88,6 +89,7 @@ class TrainSettings:
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
     listen_at: str = "trunk"  # where the probe listens: trunk | encoder (the audio encoder's features)
+    listen_span: int = 1  # micro-turns a word stays in the probe's targets from the one it ends in
 
 
 @dataclass
@@ -161,6 +163,11 @@ class Trainer:
         if s.parts == "encoder" and not (s.listen_weight and s.listen_at == "encoder"):
             raise ValueError("--parts encoder trains the audio encoder on the listening probe alone: give "
                              "--listen-weight and --listen-at encoder")
+        if s.listen_span < 1:
+            raise ValueError(f"--listen-span is a number of micro-turns, at least 1, not {s.listen_span}")
+        if s.listen_span > 1 and s.listen_at == "encoder":
+            raise ValueError("--listen-span asks for the words of several micro-turns together, which the trunk "
+                             "gathers and the audio encoder (one token's window) does not hear: use --listen-at trunk")
         self.cfg = load_config(s.init) if s.init is not None else get_preset(s.preset)
         if s.flow_text_turns is not None:
             self.cfg = dataclasses.replace(self.cfg, flow_text_turns=s.flow_text_turns)
@@ -251,7 +258,7 @@ class Trainer:
         batch = build_batch(self.layout, sequences)
         if self.probe is None:
             return batch
-        words = [heard(conv.meta, self.probe.vocab, start, len(seq))
+        words = [heard(conv.meta, self.probe.vocab, start, len(seq), self.s.listen_span)
                  for (conv, start, _), seq in zip(windows, sequences, strict=True)]
         return dataclasses.replace(batch, heard=torch.cat(words))
 
@@ -390,6 +397,10 @@ class Trainer:
             if state["settings"].get("listen_at", "trunk") != self.s.listen_at:
                 raise ValueError(f"{self.s.out}: this run's probe listens at the "
                                  f"{state['settings'].get('listen_at', 'trunk')}; resume it with that --listen-at")
+            span = int(state["settings"].get("listen_span", 1))
+            if span != self.s.listen_span:
+                raise ValueError(f"{self.s.out}: this run's probe hears each word for {span} micro-turns; resume "
+                                 "it with that --listen-span")
             self.probe.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])

@@ -121,7 +121,8 @@ def _train(args: argparse.Namespace) -> int:
                              seed=args.seed, device=args.device, threads=args.threads, init=args.init,
                              parts=args.parts, decision_weight=args.decision_weight,
                              flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight,
-                             audio_context=args.audio_context, listen_at=args.listen_at)
+                             audio_context=args.audio_context, listen_at=args.listen_at,
+                             listen_span=args.listen_span)
     result = Trainer(settings).run()
     print(json.dumps(result))
     return 0
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--listen-at", choices=["trunk", "encoder"], default="trunk",
                        help="where the --listen-weight probe listens: the trunk's state, or the audio encoder's "
                        "features (which trains the encoder to recognise words)")
+    train.add_argument("--listen-span", type=int, default=1,
+                       help="micro-turns a word stays in the probe's targets from the one it ends in (1: the "
+                       "words that just ended; more: what the user said lately, gathered by the trunk)")
     train.add_argument("--audio-context", type=int,
                        help="frames of the user's audio before each audio-in token that an audio encoder also "
                        "hears (inference.audio_encoder; default: the preset's or --init's, 0: none); with --init, "

@@ -41,6 +41,26 @@ def test_each_word_is_heard_in_the_micro_turn_where_its_share_of_the_audio_ends(
     assert [k + 5 for k, row in enumerate(window) if row.any()] == [7, 9]
 
 
+def test_with_a_span_each_word_stays_heard_for_that_many_micro_turns() -> None:
+    first = 2 * MICRO_TURN_SAMPLES
+    meta = {"user_speech": [[first, first + 10 * MICRO_TURN_SAMPLES]], "user_speech_text": ["what is seven plus five"]}
+    vocab = ["five", "plus", "seven", "what"]
+
+    def words(got: torch.Tensor, start: int) -> dict[int, list[str]]:
+        return {start + k: [vocab[i] for i in row.nonzero().flatten()] for k, row in enumerate(got) if row.any()}
+
+    # the words end in micro-turns 3, 7, 9 and 11 (the test above); each now holds for 3
+    assert words(heard(meta, vocab, 0, 16, span=3), 0) == {
+        3: ["what"], 4: ["what"], 5: ["what"], 7: ["seven"], 8: ["seven"], 9: ["plus", "seven"], 10: ["plus"],
+        11: ["five", "plus"], 12: ["five"], 13: ["five"]}
+    # a window that starts after "seven" ended still hears it while its span lasts, and is cut at its own end
+    assert words(heard(meta, vocab, 8, 4, span=3), 8) == {8: ["seven"], 9: ["plus", "seven"], 10: ["plus"],
+                                                         11: ["five", "plus"]}
+    assert torch.equal(heard(meta, vocab, 0, 16, span=1), heard(meta, vocab, 0, 16))
+    with pytest.raises(ValueError, match="at least one micro-turn"):
+        heard(meta, vocab, 0, 16, span=0)
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_a_fresh_probe_leaves_a_trained_trunk_alone_and_then_learns() -> None:
     torch.manual_seed(0)

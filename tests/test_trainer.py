@@ -16,6 +16,7 @@ from inference.checkpoint import load_checkpoint
 from inference.config import preset
 from inference.context import TurnRecord, first_link
 from inference.conversation import Conversation, examples
+from inference.listen import heard
 from inference.model import ReferenceNet
 from inference.reference import ReferenceModel
 from inference.trainer import Trainer, TrainSettings
@@ -162,6 +163,32 @@ def test_a_listening_run_resumes_with_its_probe_and_ships_the_model_alone(tmp_pa
     assert not (tmp_path / "plain" / "listen_vocab.json").exists()  # a refused resume leaves the folder as it was
     with pytest.raises(ValueError, match="listen-weight"):
         Trainer(TrainSettings(data=data, out=tmp_path / "c", parts="flow", listen_weight=0.5))
+
+
+def test_a_listening_run_with_a_span_holds_each_word_and_resumes_only_with_that_span(tmp_path: Path) -> None:
+    data = write_data_set(tmp_path / "data", 3)
+
+    def settings(out: str, steps: int, span: int, **more: Any) -> TrainSettings:
+        return TrainSettings(data=data, out=tmp_path / out, steps=steps, batch=2, window=6, val_every=2,
+                             save_every=2, val_windows=1, warmup=2, seed=3, listen_weight=0.5, listen_span=span,
+                             **more)
+
+    one, four = Trainer(settings("one", 2, 1)), Trainer(settings("four", 2, 4))
+    assert one.probe is not None and four.probe is not None
+    conv = one._conversation(one.train_files[0])
+    words_one = one._windows([(conv, 0, conv.turns)]).heard
+    words_four = four._windows([(conv, 0, conv.turns)]).heard
+    assert words_one is not None and words_four is not None
+    assert torch.equal(words_four, heard(conv.meta, four.probe.vocab, 0, conv.turns, span=4))
+    assert words_four.sum() > words_one.sum() and bool((words_four >= words_one).all())
+    four.run()
+    with pytest.raises(ValueError, match="listen-span"):
+        Trainer(settings("four", 4, 2))
+    Trainer(settings("four", 4, 4)).run()  # the same span resumes
+    with pytest.raises(ValueError, match="listen-span"):
+        Trainer(settings("x", 2, 0))
+    with pytest.raises(ValueError, match="listen-at trunk"):
+        Trainer(settings("x", 2, 2, listen_at="encoder", audio_context=12))
 
 
 def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_path: Path) -> None:
