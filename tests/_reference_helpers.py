@@ -14,16 +14,19 @@ from microturn.contracts import ControlEvent, MicroTurn
 
 
 def small_config(**changes: object) -> ModelConfig:
-    """``tiny`` with a short window, so a few dozen micro-turns already evict keys."""
-    base = dataclasses.replace(preset("tiny"), window=48, n_sink=4, max_step_tokens=40, griffin_lim_iters=2)
+    """``tiny`` with a short window, so a few dozen micro-turns already evict keys, and no audio encoder unless
+    ``changes`` give it one."""
+    base = dataclasses.replace(preset("tiny"), window=48, n_sink=4, max_step_tokens=40, griffin_lim_iters=2,
+                               audio_context=0)
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def narrow_config(width: int, layers: int, flow_width: int, flow_layers: int) -> ModelConfig:
-    """``tiny`` with a narrower, shallower trunk (4 heads, 4 experts of ``width``) and flow head: a model that
-    trains in seconds on the tone task."""
+    """``tiny`` with a narrower, shallower trunk (4 heads, 4 experts of ``width``) and flow head, and no audio
+    encoder: a model that trains in seconds on the tone task."""
     return dataclasses.replace(preset("tiny"), d_model=width, n_layers=layers, n_heads=4, n_kv_heads=2, n_experts=4,
-                               d_expert=width, d_shared=width, flow_dim=flow_width, flow_layers=flow_layers)
+                               d_expert=width, d_shared=width, flow_dim=flow_width, flow_layers=flow_layers,
+                               audio_context=0)
 
 
 def make_net(cfg: ModelConfig, seed: int = 0) -> ReferenceNet:

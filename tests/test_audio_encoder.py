@@ -99,8 +99,8 @@ def test_a_probe_at_the_encoder_hears_each_micro_turns_last_audio_token(tmp_path
     data = write_data_set(tmp_path / "data", 2)
     base: dict[str, Any] = dict(data=data, batch=2, window=6, val_every=2, save_every=2, val_windows=1, warmup=1,
                                 listen_weight=1.0, listen_at="encoder")
-    with pytest.raises(ValueError, match="audio encoder"):
-        Trainer(TrainSettings(out=tmp_path / "none", steps=2, **base))
+    with pytest.raises(ValueError, match="audio encoder"):  # a model without one
+        Trainer(TrainSettings(out=tmp_path / "none", steps=2, audio_context=0, **base))
     run = Trainer(TrainSettings(out=tmp_path / "a", steps=2, audio_context=12, **base))
     assert run.probe is not None and run.probe.at == "encoder"
     run.run()
