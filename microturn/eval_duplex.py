@@ -77,6 +77,15 @@ async def play_webrtc(conv: Conversation, url: str, tail_s: float = 1.0) -> Play
     return Played(out[: len(conv.user_audio)].astype(np.float32), captions)
 
 
+def as_the_path_plays(played: Played) -> Played:
+    """``played`` with its audio one micro-turn later, as the path plays a model's output ``k`` during micro-turn
+    ``k + 1``: what the diagnostics that speak the targets' own micro-turns (``oracle``, ``oracle-gl``,
+    ``teacher-forced``) would sound like from a model. Captions stay keyed by the micro-turn they were written for."""
+    audio = np.zeros_like(played.audio)
+    audio[MICRO_TURN_SAMPLES:] = played.audio[:-MICRO_TURN_SAMPLES]
+    return Played(audio, played.captions)
+
+
 def _target_captions(conv: Conversation) -> dict[int, str]:
     """The conversation's target captions, by micro-turn, as :class:`Played` holds a model's."""
     return {k: text for k, text in enumerate(conv.meta["model_text"]) if text}
@@ -126,22 +135,23 @@ def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", li
                 seed: int = 0) -> dict[str, Any]:
     """Score the model on the test conversations of ``set_dir``; returns the JSON ``eval duplex`` prints.
     ``model`` ``echo`` (no checkpoint) is the diagnostic: its speech is the user's, one micro-turn later; ``oracle``
-    scores the conversations' own targets (the best a model can get); ``teacher-forced`` the checkpoint's audio head
-    alone (:func:`play_teacher_forced`). ``seed`` seeds every offline session's sampling."""
+    scores the conversations' own targets as the path would play them (the best a model can get); ``teacher-forced``
+    the checkpoint's audio head alone (:func:`play_teacher_forced`), played the same way. ``seed`` seeds every
+    offline session's sampling."""
     files = _test_files(set_dir)[:limit]
     convs = [Conversation.load(f) for f in files]
     recognise = Recogniser(candidates([c.meta for c in convs]))
     played: list[Played] = []
     if model == "oracle":  # the conversation's own target: what a perfect model would do (the metrics' ceiling)
-        played = [Played(c.model_audio, _target_captions(c)) for c in convs]
+        played = [as_the_path_plays(Played(c.model_audio, _target_captions(c))) for c in convs]
     elif model.startswith("oracle-gl"):  # the targets' mel through Griffin-Lim: a perfect model's ceiling with it
         iters = int(model.removeprefix("oracle-gl") or 4)
-        played = [Played(griffin_lim(c.model_audio, iters), _target_captions(c)) for c in convs]
+        played = [as_the_path_plays(Played(griffin_lim(c.model_audio, iters), _target_captions(c))) for c in convs]
     elif model == "teacher-forced":
         from inference.checkpoint import SHIPPED, load_checkpoint
 
         net = load_checkpoint(checkpoint or SHIPPED, device)
-        played = [play_teacher_forced(c, net) for c in convs]
+        played = [as_the_path_plays(play_teacher_forced(c, net)) for c in convs]
     elif via == "offline":
         backend = load_backend(model, checkpoint, device)
         for i, conv in enumerate(convs):

@@ -8,7 +8,7 @@
                    from 0.4–1.2 s before the question until 0.2–0.8 s after the answer
 ``pause``          1–2 questions (arithmetic, counting or visual) with a 0.6–1.2 s pause mid-question
 ``interruption``   the user asks the model to count to 6–10 and, while it counts, asks an arithmetic question; the
-                   model stops within two micro-turns of the user's onset and answers the new question
+                   model stops at the end of the micro-turn in which the user starts and answers the new question
 ``long``           a long statement: 2–4 sentences with 0.25–0.6 s pauses; the model stays quiet, and half the time
                    acknowledges the end with a backchannel ("mm-hm.")
 ``typed``          1–2 typed questions (arithmetic with digits, counting); the model answers in speech

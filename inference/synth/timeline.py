@@ -3,12 +3,17 @@ samples of the 16 kHz timeline, and every label that follows from where they wer
 
 Timing rules (all in samples; micro-turn ``k`` is samples ``[3200 k, 3200 (k + 1))``):
 
-- the model's response to a cue starts at the first sample of micro-turn ``cue + LATENCY_TURNS`` (2): the cue is the
+- the model's response to a cue starts at the first sample of micro-turn ``cue + LATENCY_TURNS`` (1): the cue is the
   micro-turn holding the user's last speech sample, or the micro-turn in which a typed text or background result has
   been read in full at :data:`TEXT_BYTES_PER_TURN` bytes a micro-turn (its marker byte included);
-- a model utterance that the user talks over stops at the first sample of micro-turn ``onset + STOP_TURNS`` (2),
+- a model utterance that the user talks over stops at the first sample of micro-turn ``onset + STOP_TURNS`` (1),
   where ``onset`` is the micro-turn holding the user's first speech sample, after a 20 ms fade-out; the rest of it
   was never said.
+
+Both are one micro-turn because the path adds one more: the model writes micro-turn ``k``'s output after hearing
+micro-turn ``k`` in full, and the gateway plays it during micro-turn ``k + 1``. A model that says its targets exactly
+is therefore heard 200–400 ms after the user's end (p50 about 0.3 s) and goes quiet 200–400 ms after the user's
+onset; with two micro-turns in the targets it could do no better than 400–600 ms.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from inference.synth.speech import speak
 from inference.synth.voices import MODEL_VOICE, Voice
 from microturn.contracts import MICRO_TURN_SAMPLES, SAMPLE_RATE, VIDEO_HEIGHT, VIDEO_WIDTH
 
-LATENCY_TURNS = 2
+LATENCY_TURNS = 1
 TEXT_BYTES_PER_TURN = 4
 """How fast the model reads text input: the ``tiny`` preset's text slots per micro-turn (the fewest of any preset)."""
-STOP_TURNS = 2
+STOP_TURNS = 1
 FADE = SAMPLE_RATE // 50  # 20 ms
 MIN_TURNS = 25  # a conversation lasts at least 5 s
 MODEL_PEAK = 0.5  # the model's speech level (−6 dBFS peak)
