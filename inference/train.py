@@ -11,7 +11,9 @@ attention mask as streaming. Losses:
   silent micro-turns (all ``PAD``) fill;
 - decision (when ``decision_weight`` > 0): the cross-entropy of the ``SPEAK``/``SILENT`` token alone, in which
   the micro-turns where the decision changes (the model starts, or stops) count :data:`CHANGE_WEIGHT` times. They
-  are a few in a hundred, yet they are turn-taking: starting late, not at all, or not stopping;
+  are a few in a hundred, yet they are turn-taking: starting late, not at all, or not stopping. The micro-turns of
+  the user's mid-question pauses can count ``pause_weight`` times too: a silence there looks like the end of a
+  question, and only what was said tells them apart;
 - audio out: flow matching of the output mel of each micro-turn in which the model speaks (the flow head runs for
   no other), conditioned on the depth head's final state and the caption context;
 - MoE balance: the routers' Switch balance loss (weighted by ``balance_weight``); after each step the
@@ -46,6 +48,7 @@ class TurnExample:
     control: int  # SPEAK or SILENT
     caption: list[int]  # text_out ids
     mel: torch.Tensor  # (frames_per_turn, n_mels) log10 mel of the output audio (floor when silent)
+    pause: bool = False  # the user pauses mid-question here: the model must not take the turn
 
 
 @dataclass
@@ -58,6 +61,7 @@ class TrainBatch:
     text_targets: torch.Tensor  # (M, 1 + text_out) the model side's text ids
     mel_targets: torch.Tensor  # (M, frames, n_mels) the model side's output mel
     changes: torch.Tensor  # (M,) bool: the SPEAK/SILENT decision differs from the micro-turn before
+    pauses: torch.Tensor  # (M,) bool: the micro-turn is in one of the user's mid-question pauses
     turns: list[int]  # micro-turns per sequence
     heard: torch.Tensor | None = None  # (M, V) the user's words that ended in each micro-turn (inference.listen)
 
@@ -68,7 +72,7 @@ class TrainBatch:
 
 
 def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> TrainBatch:
-    parts, lengths, rows, text_targets, mels, changes = [], [], [], [], [], []
+    parts, lengths, rows, text_targets, mels, changes, pauses = [], [], [], [], [], [], []
     offset = 0
     for turns in sequences:
         start = offset
@@ -77,6 +81,7 @@ def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> Train
         previous = tokenizer.SILENT  # each sequence starts after a silent model side
         for turn in turns:
             changes.append(turn.control != previous)
+            pauses.append(turn.pause)
             previous = turn.control
             model_side = layout.model_side(turn.control, turn.caption, dmel.quantize(turn.mel))
             rows.append(offset + len(turn.user) - 1)
@@ -86,7 +91,8 @@ def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> Train
             offset += len(turn.user) + len(model_side)
         lengths.append(offset - start)
     return TrainBatch(Tokens.cat(parts), lengths, torch.tensor(rows), torch.stack(text_targets),
-                      torch.stack(mels), torch.tensor(changes), [len(turns) for turns in sequences])
+                      torch.stack(mels), torch.tensor(changes), torch.tensor(pauses, dtype=torch.bool),
+                      [len(turns) for turns in sequences])
 
 
 @dataclass
@@ -126,9 +132,10 @@ def teacher_forced(net: ReferenceNet, batch: TrainBatch) -> Forced:
 
 
 def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Generator,
-                   balance_weight: float = 0.01, decision_weight: float = 0.0,
+                   balance_weight: float = 0.01, decision_weight: float = 0.0, pause_weight: float = 1.0,
                    probe: ListenProbe | None = None, listen_weight: float = 1.0) -> tuple[Losses, torch.Tensor]:
-    """The losses (the decision loss is part of ``text``), and the per-layer expert load (L, E) of this batch.
+    """The losses (the decision loss is part of ``text``; in it a micro-turn of a mid-question pause counts
+    ``pause_weight`` times), and the per-layer expert load (L, E) of this batch.
     The listening loss counts when ``probe`` is given and the batch has ``heard`` targets (the probe's presence is
     the switch; ``listen_weight`` only weighs it)."""
     cfg, device = net.cfg, net.text_head.weight.device
@@ -140,7 +147,8 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
     if bool(speaking.any()):
         text = text + F.cross_entropy(logits[speaking, 1:].flatten(0, 1), targets[speaking, 1:].flatten())
     if decision_weight > 0:
-        weights = 1 + (CHANGE_WEIGHT - 1) * batch.changes.to(device).float()
+        weights = (1 + (CHANGE_WEIGHT - 1) * batch.changes.to(device).float()
+                   + (pause_weight - 1) * batch.pauses.to(device).float())
         decision = F.cross_entropy(logits[:, 0], targets[:, 0], reduction="none")
         text = text + decision_weight * (weights * decision).sum() / weights.sum()
     flow = flow_loss(net, cond[speaking], batch.flow_text(cfg.flow_text_turns).to(device)[speaking],
@@ -181,12 +189,12 @@ BIAS_RATE = 1e-3
 
 def train_step(net: ReferenceNet, optimizer: torch.optim.Optimizer, batch: TrainBatch,
                generator: torch.Generator, bias_rate: float = BIAS_RATE, decision_weight: float = 0.0,
-               probe: ListenProbe | None = None, listen_weight: float = 1.0) -> Losses:
+               pause_weight: float = 1.0, probe: ListenProbe | None = None, listen_weight: float = 1.0) -> Losses:
     """One optimiser step (of ``net``, and of ``probe`` when given: its parameters must be in ``optimizer``);
     returns the (detached) losses."""
     net.train()
-    losses, load = compute_losses(net, batch, generator, decision_weight=decision_weight, probe=probe,
-                                  listen_weight=listen_weight)
+    losses, load = compute_losses(net, batch, generator, decision_weight=decision_weight, pause_weight=pause_weight,
+                                  probe=probe, listen_weight=listen_weight)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     torch.nn.utils.clip_grad_norm_([*net.parameters(), *(probe.parameters() if probe is not None else ())], 1.0)

@@ -85,6 +85,7 @@ class TrainSettings:
     init: Path | None = None  # start from this checkpoint's weights (and config) instead of a random preset
     parts: str = "all"  # all | flow: train only the flow head, the rest frozen (batch: spoken micro-turns)
     decision_weight: float = 0.0  # weight of the SPEAK/SILENT decision loss (see inference.train); 0: none
+    pause_weight: float = 1.0  # how many times a micro-turn of a mid-question pause counts in the decision loss
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
@@ -163,6 +164,9 @@ class Trainer:
         if s.parts == "encoder" and not (s.listen_weight and s.listen_at == "encoder"):
             raise ValueError("--parts encoder trains the audio encoder on the listening probe alone: give "
                              "--listen-weight and --listen-at encoder")
+        if s.pause_weight <= 0 or (s.pause_weight != 1 and s.decision_weight <= 0):
+            raise ValueError(f"--pause-weight weighs micro-turns of the decision loss: give a weight above 0 and a "
+                             f"--decision-weight, not {s.pause_weight} with {s.decision_weight}")
         if s.listen_span < 1:
             raise ValueError(f"--listen-span is a number of micro-turns, at least 1, not {s.listen_span}")
         if s.listen_span > 1 and s.listen_at == "encoder":
@@ -339,7 +343,7 @@ class Trainer:
             else:
                 batch = self._batch()
                 losses = train_step(self.net, self.optimizer, batch, self.noise_gen, decision_weight=s.decision_weight,
-                                    probe=self.probe, listen_weight=s.listen_weight)
+                                    pause_weight=s.pause_weight, probe=self.probe, listen_weight=s.listen_weight)
                 turns = len(batch.rows)
             self.step += 1
             turns_seen += turns

@@ -119,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
                              steps=args.steps, batch=args.batch, window=args.window, lr=args.lr,
                              val_every=args.val_every, val_windows=args.val_windows, save_every=args.save_every,
                              seed=args.seed, device=args.device, threads=args.threads, init=args.init,
-                             parts=args.parts, decision_weight=args.decision_weight,
+                             parts=args.parts, decision_weight=args.decision_weight, pause_weight=args.pause_weight,
                              flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight,
                              audio_context=args.audio_context, listen_at=args.listen_at,
                              listen_span=args.listen_span)
@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decision-weight", type=float, default=0.0,
                        help="weight of an extra loss on the SPEAK/SILENT decision, its changes counted more "
                        "(inference.train.CHANGE_WEIGHT times; 0: off)")
+    train.add_argument("--pause-weight", type=float, default=1.0,
+                       help="how many times a micro-turn of the user's mid-question pauses counts in the "
+                       "--decision-weight loss (1: like any other)")
     train.add_argument("--listen-weight", type=float, default=0.0,
                        help="weight of a training-only probe that names the user's words in each micro-turn from "
                        "the trunk's state (inference.listen; 0: off)")

@@ -16,9 +16,11 @@ from inference.checkpoint import load_checkpoint
 from inference.config import preset
 from inference.context import TurnRecord, first_link
 from inference.conversation import Conversation, examples
+from inference.layout import TurnLayout
 from inference.listen import heard
 from inference.model import ReferenceNet
 from inference.reference import ReferenceModel
+from inference.train import build_batch, compute_losses, teacher_forced
 from inference.trainer import Trainer, TrainSettings
 from microturn.contracts import MicroTurn
 
@@ -189,6 +191,37 @@ def test_a_listening_run_with_a_span_holds_each_word_and_resumes_only_with_that_
         Trainer(settings("x", 2, 0))
     with pytest.raises(ValueError, match="listen-at trunk"):
         Trainer(settings("x", 2, 2, listen_at="encoder", audio_context=12))
+
+
+def test_the_micro_turns_of_a_mid_question_pause_weigh_more_in_the_decision_loss(tmp_path: Path) -> None:
+    path = write_conversation(tmp_path, "c0", 0)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["pauses"] = [[int(0.5 * 16_000), int(0.9 * 16_000)]]  # samples 8000–14399: micro-turns 2, 3 and 4
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    cfg = dataclasses.replace(preset("tiny"), audio_context=0)
+    got = examples(Conversation.load(path), cfg)
+    assert [e.pause for e in got] == [k in (2, 3, 4) for k in range(TURNS)]
+
+    batch = build_batch(TurnLayout.of(cfg), [got])
+    assert batch.pauses.tolist() == [e.pause for e in got]
+    torch.manual_seed(0)
+    net = ReferenceNet(cfg).eval()
+    with torch.no_grad():
+        plain, _ = compute_losses(net, batch, torch.Generator().manual_seed(1))
+        even, _ = compute_losses(net, batch, torch.Generator().manual_seed(1), decision_weight=1.0)
+        paused, _ = compute_losses(net, batch, torch.Generator().manual_seed(1), decision_weight=1.0, pause_weight=5.0)
+        ce = torch.nn.functional.cross_entropy(teacher_forced(net, batch).logits[:, 0], batch.text_targets[:, 0],
+                                               reduction="none")
+    w = torch.where(batch.changes, 4.0, 1.0)
+    assert abs(float(even.text - plain.text) - float((w * ce).sum() / w.sum())) < 1e-5
+    w = w + 4.0 * batch.pauses.float()
+    assert abs(float(paused.text - plain.text) - float((w * ce).sum() / w.sum())) < 1e-5
+
+    data = write_data_set(tmp_path / "data", 1)
+    for weight, decision in ((3.0, 0.0), (0.0, 1.0)):
+        with pytest.raises(ValueError, match="--pause-weight"):
+            Trainer(TrainSettings(data=data, out=tmp_path / "x", steps=1, pause_weight=weight,
+                                  decision_weight=decision))
 
 
 def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_path: Path) -> None:
