@@ -23,11 +23,12 @@ from tests.conftest import loopback_settings, start_gateway
 
 MAX_BYTES = 30 * 2**20
 TURN_TOR, PAUSE_TOR, ANSWER_TEXT = 0.8, 0.5, 0.1
-"""On these 12 conversations the shipped model took 1.0 of the turns, 0.0 of the pauses and wrote 0.18 of the
-answers in its captions (the checkpoint before it: 0.86, 0.0 and 0.27); a random-weight ``tiny`` took 0.29 of the
-turns and every pause, and wrote no answer. With their microphone's noise floor cut to digital zero it took 0.93 of
-the turns and 0.0 of the pauses (the checkpoint before it: 0.86 and 0.0; the one before that, without the input's
-dither: 0.21 and 0.0). (The issue's targets are higher still: see inference/README.md.)"""
+"""On these 12 conversations (made with today's timing: replies one micro-turn after their cue) the shipped model
+took 0.86 of the turns, 0.0 of the pauses and wrote 0.18 of the answers in its captions (the checkpoint before it,
+on the same 12 made with the old timing: 1.0, 0.0 and 0.18); a random-weight ``tiny`` took 0.29 of the turns and
+every pause, and wrote no answer. With their microphone's noise floor cut to digital zero it took 0.93 of the turns
+and 0.0 of the pauses (the checkpoint before it: 0.93 and 0.0; an earlier one, without the input's dither: 0.21 and
+0.0). (The issue's targets are higher still: see inference/README.md.)"""
 
 
 def test_the_shipped_checkpoint_is_the_default_model() -> None:
