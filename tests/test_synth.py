@@ -16,8 +16,9 @@ from inference.duplex_eval import Played, score, summarise
 from inference.synth.cards import COLOURS, DIGITS, SHAPES, Card
 from inference.synth.phrasing import TEMPLATES, number_words
 from inference.synth.scenarios import SCENARIOS
+from inference.synth.speech import speak
 from inference.synth.timeline import LATENCY_TURNS, STOP_TURNS, text_cue
-from inference.synth.voices import MODEL_VOICE
+from inference.synth.voices import MODEL_VOICE, Voice
 from inference.tokenizer import REQUEST_CLOSE, REQUEST_OPEN, RequestSpans
 from microturn.cli import main
 from microturn.eval_duplex import as_the_path_plays
@@ -191,6 +192,45 @@ def test_pauses_hold_no_speech(convs: list[Conv]) -> None:
             assert not c.model[start:end].any()
             assert rms(c.user[start:end]) <= 1.5 * c.meta["noise"]["rms"]
             assert not any(start <= q["answer_start"] < end for q in c.meta["questions"])
+
+
+def test_speech_the_user_goes_on_from_after_a_pause_is_rendered_as_an_unfinished_clause(convs: list[Conv]) -> None:
+    checked = 0
+    for c in convs:
+        voice = Voice(**c.meta["voice"])
+        pause_starts = {start for start, _ in c.meta["pauses"]}
+        for (start, end), text in zip(c.meta["user_speech"], c.meta["user_speech_text"], strict=True):
+            goes_on = end in pause_starts
+            assert end - start == len(speak(voice, text, continuing=goes_on)), (c.meta["id"], text)
+            checked += goes_on
+    assert checked >= 3
+
+
+def end_pitch(audio: np.ndarray) -> float:
+    """log(F0 of the last 50 ms voiced / the median F0), F0 by autocorrelation every 10 ms (octave errors, beyond
+    1.5× the median either way, left out)."""
+    n, found = 640, []
+    for k in range(0, len(audio) - n, 160):
+        frame = audio[k:k + n] - audio[k:k + n].mean()
+        if rms(frame) < 0.05:
+            continue
+        ac = np.correlate(frame, frame, "full")[n - 1:]
+        lag = 35 + int(np.argmax(ac[35:267]))  # 60–450 Hz
+        if ac[lag] > 0.4 * ac[0]:
+            found.append(16_000 / lag)
+    pitches = np.array(found)
+    median = np.median(pitches)
+    pitches = pitches[(pitches > median / 1.5) & (pitches < median * 1.5)]
+    return float(np.log(np.median(pitches[-5:]) / median))
+
+
+def test_an_unfinished_clause_ends_higher_in_pitch_than_a_finished_one() -> None:
+    texts = ("what is six plus", "count to", "what colour is this", "how much is seven")
+    voices = [Voice(name, variant, rate, pitch) for name, variant, rate, pitch in (
+        ("en-us", "m1", 130, 20), ("en-gb", "f1", 200, 80), ("en-us", "m3", 165, 50), ("en-gb-scotland", "f4", 130, 50),
+        ("en-us", "klatt", 200, 20), ("en-gb-x-rp", "m2", 165, 80))]
+    rises = np.array([end_pitch(speak(v, t, continuing=True)) - end_pitch(speak(v, t)) for v in voices for t in texts])
+    assert (rises > 0).mean() >= 0.6 and np.median(rises) >= 0.05, np.round(rises, 2)
 
 
 def test_splits_share_no_voice_and_no_phrasing(root: Path, convs: list[Conv]) -> None:

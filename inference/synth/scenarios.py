@@ -6,11 +6,12 @@
                    ("what is seven plus five" → "twelve"), counting ("count to four" → "one two three four")
 ``visual``         1–2 cards shown on the camera, each with "what colour / shape / number is this"; the camera is on
                    from 0.4–1.2 s before the question until 0.2–0.8 s after the answer
-``pause``          1–2 questions (arithmetic, counting or visual) with a 0.6–1.2 s pause mid-question
+``pause``          1–2 questions (arithmetic, counting or visual) with a 0.6–1.2 s pause mid-question; the part
+                   before the pause ends as an unfinished clause does (level or rising pitch: ``speak(continuing)``)
 ``interruption``   the user asks the model to count to 6–10 and, while it counts, asks an arithmetic question; the
                    model stops at the end of the micro-turn in which the user starts and answers the new question
-``long``           a long statement: 2–4 sentences with 0.25–0.6 s pauses; the model stays quiet, and half the time
-                   acknowledges the end with a backchannel ("mm-hm.")
+``long``           a long statement: 2–4 sentences with 0.25–0.6 s pauses, each but the last ending unfinished; the
+                   model stays quiet, and half the time acknowledges the end with a backchannel ("mm-hm.")
 ``typed``          1–2 typed questions (arithmetic with digits, counting); the model answers in speech
 ``silence``        4–12 s of silence, half the time with a card on the camera and no question; the model stays quiet
 ``background``     a request for the background model ("can you work out 123 times 4"): the model says a filler with
@@ -117,7 +118,7 @@ class Director:
                 self.tl.pause(0.25, 0.6)
             template = statements[int(index)]
             self.phrasing.append(template.id)
-            span = self.tl.say(template.fill())
+            span = self.tl.say(template.fill(), continuing=i < len(chosen) - 1)
         if self.rng.random() < 0.5:
             self.tl.reply(speech_cue(span), BACKCHANNELS[int(self.rng.integers(len(BACKCHANNELS)))])
 
@@ -191,7 +192,7 @@ class Director:
         if not pause:
             return self.tl.say(template.fill(**values))
         head, tail = template.halves(**values)
-        first = self.tl.say(head)
+        first = self.tl.say(head, continuing=True)
         self.tl.pause(0.6, 1.2)
         return first[0], self.tl.say(tail)[1]
 

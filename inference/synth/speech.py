@@ -4,6 +4,11 @@ espeak-ng writes 16-bit WAV (22,050 Hz) to its stdout, never to a file; the samp
 band-limited, exact ratio) and trimmed to the first and last sample whose magnitude reaches :data:`TRIM` of the
 peak. So a rendering holds speech from its first sample to its last, which is what makes the labelled speech spans
 exact: a span is where a rendering was placed, and there is nothing of it outside.
+
+A part of a turn the user goes on from after a pause (the head of a question cut by a pause, a sentence of a long
+statement followed by another) is rendered ``continuing``: espeak-ng is given the text with a trailing comma, so
+the part ends in its clause-continuation intonation, level or rising, as a speaker who means to go on ends it,
+instead of the falling pitch and final lengthening of a finished sentence.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ TRIM = 0.01
 
 
 @functools.lru_cache(maxsize=512)
-def speak(voice: Voice, text: str) -> np.ndarray:
-    """``text`` spoken in ``voice``: 16 kHz float32, peak 1, trimmed (read-only; cached per process)."""
+def speak(voice: Voice, text: str, continuing: bool = False) -> np.ndarray:
+    """``text`` spoken in ``voice``: 16 kHz float32, peak 1, trimmed (read-only; cached per process). With
+    ``continuing`` it ends as a clause the speaker goes on from (see the module's docstring)."""
+    said = text + "," if continuing else text
     wav = subprocess.run(["espeak-ng", "-v", voice.identity, "-s", str(voice.rate), "-p", str(voice.pitch),
-                          "--stdout", text], check=True, capture_output=True).stdout
+                          "--stdout", said], check=True, capture_output=True).stdout
     if wav[:4] != b"RIFF" or wav[36:40] != b"data":
         raise RuntimeError(f"espeak-ng gave no WAV for {voice.identity} {text!r}")
     rate = int.from_bytes(wav[24:28], "little")

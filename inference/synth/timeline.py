@@ -134,9 +134,10 @@ class Timeline:
         """Move the cursor on by ``low``–``high`` seconds."""
         self.cursor += int(self.rng.uniform(low, high) * SAMPLE_RATE)
 
-    def say(self, text: str) -> Span:
-        """The user says ``text`` from the cursor; the cursor moves to its end."""
-        audio = speak(self.voice, text) * utterance_gain(self.rng, self._level_db)
+    def say(self, text: str, continuing: bool = False) -> Span:
+        """The user says ``text`` from the cursor; the cursor moves to its end. ``continuing``: the user goes on
+        after a pause, and ``text`` ends as an unfinished clause does (:func:`speak`)."""
+        audio = speak(self.voice, text, continuing) * utterance_gain(self.rng, self._level_db)
         span = (self.cursor, self.cursor + len(audio))
         self._user.append((self.cursor, audio, text))
         self.cursor = span[1]
