@@ -140,7 +140,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _data(args: argparse.Namespace) -> int:
     from inference.synth.generate import synthesize
 
-    manifest = synthesize(args.out, args.hours, args.seed, workers=args.workers)
+    manifest = synthesize(args.out, args.hours, args.seed, workers=args.workers, split_seed=args.split_seed)
     print(f"wrote {manifest['conversations']} conversations ({manifest['hours_produced']:.3f} h) to {args.out}",
           file=sys.stderr)
     return 0
@@ -325,7 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_sub.add_parser("synth", help="render scripted two-party conversations as micro-turn streams")
     synth.add_argument("--out", type=Path, required=True, help="a new or empty folder")
     synth.add_argument("--hours", type=float, default=1.0, help="total audio to produce (about)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help="draws the conversations")
+    synth.add_argument("--split-seed", type=int, default=0,
+                       help="draws which voices and phrasings each split may use; keep it (0) so that a model "
+                            "trained on one set is held out from another set's test split")
     synth.add_argument("--workers", type=int, help="rendering processes (default: one per core)")
     synth.set_defaults(func=_data)
 

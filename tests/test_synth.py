@@ -265,6 +265,26 @@ def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(root: Path
     assert first.read_bytes() != next(root.glob("*/c000000.npz")).read_bytes()
 
 
+def test_another_seed_keeps_the_held_out_voices_and_phrasings_unless_the_split_seed_changes(root: Path,
+                                                                                            tmp_path: Path) -> None:
+    def pools(manifest_dir: Path) -> dict[str, tuple[list[str], list[str]]]:
+        splits = json.loads((manifest_dir / "manifest.json").read_text())["splits"]
+        return {s: (splits[s]["voices"], splits[s]["phrasings"]) for s in splits}
+
+    other = synth(tmp_path / "other", seed=1, workers=2)
+    assert json.loads((other / "manifest.json").read_text())["split_seed"] == 0
+    assert pools(other) == pools(root)
+    for c in load(other):  # new conversations, drawn from the same pools
+        voices, phrasings = pools(root)[c.meta["split"]]
+        assert f"{c.meta['voice']['name']}+{c.meta['voice']['variant']}" in voices
+        assert set(c.meta["phrasing"]) <= set(phrasings)
+    assert main(["data", "synth", "--out", str(tmp_path / "split1"), "--hours", "0.004", "--seed", "0",
+                 "--split-seed", "1"]) == 0
+    assert json.loads((tmp_path / "split1" / "manifest.json").read_text())["split_seed"] == 1
+    moved = pools(tmp_path / "split1")
+    assert moved["test"][0] != pools(root)["test"][0] and moved["test"][1] != pools(root)["test"][1]
+
+
 def _seven_segments(mask: np.ndarray) -> str:
     """Read a seven-segment digit off its pixels: the segments lit at their centres."""
     ys, xs = np.nonzero(mask)

@@ -6,13 +6,16 @@ on the camera and types; the model speaks in one fixed voice. This docstring is 
 the trainer (:mod:`inference.conversation`) and the evaluator read.
 
 ``DIR/manifest.json``
-    ``version`` (1), ``seed``, ``hours_requested``, ``hours_produced``, ``seconds_produced``, ``conversations``,
-    ``sample_rate`` (16000), ``micro_turn_samples`` (3200), ``latency_turns`` (2), ``stop_turns`` (2),
-    ``text_bytes_per_turn`` (4), ``espeak_ng`` (its version), ``model_voice`` {name, variant, rate, pitch},
-    ``scenarios`` (conversations per scenario), and ``splits``: for each of ``train``, ``validation``, ``test``:
-    ``conversations`` (ids), ``seconds``, ``scenarios`` (counts), ``voices`` (the ``name+variant`` voices the split
-    may use) and ``phrasings`` (the template ids it may use). Splits share no voice and no phrasing
-    (:mod:`~inference.synth.splits`).
+    ``version`` (1), ``seed``, ``split_seed``, ``hours_requested``, ``hours_produced``, ``seconds_produced``,
+    ``conversations``, ``sample_rate`` (16000), ``micro_turn_samples`` (3200), ``latency_turns`` (1),
+    ``stop_turns`` (1), ``text_bytes_per_turn`` (4), ``espeak_ng`` (its version), ``model_voice`` {name,
+    variant, rate, pitch}, ``scenarios`` (conversations per scenario), and ``splits``: for each of ``train``,
+    ``validation``, ``test``: ``conversations`` (ids), ``seconds``, ``scenarios`` (counts), ``voices`` (the
+    ``name+variant`` voices the split may use) and ``phrasings`` (the template ids it may use). Splits share no
+    voice and no phrasing (:mod:`~inference.synth.splits`); which ones each split gets is drawn from ``split_seed``
+    alone (0 unless ``--split-seed`` says otherwise), so sets with another ``seed`` hold other conversations but
+    the same held-out voices and phrasings: a model trained on one set's train split is held out from another's
+    test split.
 
 ``DIR/<split>/<id>.npz`` — T micro-turns, sample ``s`` of the 16 kHz timeline is in micro-turn ``s // 3200``
     ``user_audio`` float32 (T·3200,): what the user's microphone hears (speech, noise; nothing of the model).
@@ -36,11 +39,11 @@ the trainer (:mod:`inference.conversation`) and the evaluator read.
     (sample where the model's answer speech starts), ``interrupted`` (the user talked over it: the answer was cut
     short), ``request`` (background questions: the request, e.g. "123*4")}.
 
-Timing (:mod:`~inference.synth.timeline`): the model's response starts at the first sample of micro-turn ``cue + 2``,
+Timing (:mod:`~inference.synth.timeline`): the model's response starts at the first sample of micro-turn ``cue + 1``,
 where the cue is the micro-turn holding the user's last speech sample, or the micro-turn in which a typed text or a
 background result has been read in full at 4 bytes a micro-turn (marker byte included; the ``tiny`` preset's text
 slots). A model utterance the user talks over stops, faded out over 20 ms, at the first sample of micro-turn
-``onset + 2``, where ``onset`` holds the user's first speech sample.
+``onset + 1``, where ``onset`` holds the user's first speech sample.
 
 Captions (:mod:`~inference.synth.captions`): an utterance's text plus one trailing space is spread over the
 micro-turns its audio covers, in proportion to duration, at word boundaries (the word starting at character ``i``
@@ -50,6 +53,6 @@ Background requests (scenario ``background``): the model's filler ("let me check
 micro-turn; the result (e.g. "492", what the built-in background model's calculator answers) arrives later in
 ``background``, and the model then says it.
 
-Determinism: everything is drawn from the seed; conversation ``i`` depends on the seed and ``i`` only (not on
+Determinism: everything is drawn from the two seeds; conversation ``i`` depends on them and ``i`` only (not on
 ``--workers``), and its files are byte-identical on every run with the same espeak-ng.
 """

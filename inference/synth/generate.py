@@ -2,9 +2,10 @@
 
 Conversation ``i`` is drawn from its own generator (seed, i): its split (:func:`~inference.synth.splits.split_of`),
 its scenario (the scenarios in a seeded order every nine conversations), its user voice (from its split's voices, a
-rate and a pitch), its noise and its script. So its bytes depend on the seed and ``i`` only, never on the number of
-workers. The set is the shortest prefix ``0 … n−1`` whose audio reaches the requested hours; workers render ahead,
-and the main process writes the prefix, in order, and nothing beyond it.
+rate and a pitch), its noise and its script; the voices and templates its split may use are drawn from the split
+seed. So its bytes depend on the two seeds and ``i`` only, never on the number of workers. The set is the shortest
+prefix ``0 … n−1`` whose audio reaches the requested hours; workers render ahead, and the main process writes the
+prefix, in order, and nothing beyond it.
 """
 
 from __future__ import annotations
@@ -74,15 +75,16 @@ def render(seed: int, index: int, assignment: Assignment) -> Rendered:
 
 
 def synthesize(out: Path, hours: float, seed: int, workers: int | None = None,
-               progress: TextIO = sys.stderr) -> dict[str, Any]:
+               progress: TextIO = sys.stderr, split_seed: int = 0) -> dict[str, Any]:
     """Write a data set of about ``hours`` of conversations to the new or empty folder ``out``; returns the manifest
-    (also written to ``out/manifest.json``)."""
+    (also written to ``out/manifest.json``). ``split_seed`` draws which voices and phrasings each split may use:
+    keep it to keep the test split held out from a model trained on another seed's set."""
     if hours <= 0:
         raise ValueError("--hours must be positive")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; synth writes a data set into a new or empty folder")
     workers = workers or os.cpu_count() or 1
-    assignment = Assignment.draw(seed, english_voices(), voice_variants())
+    assignment = Assignment.draw(split_seed, english_voices(), voice_variants())
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
     target = hours * 3600
@@ -111,12 +113,13 @@ def synthesize(out: Path, hours: float, seed: int, workers: int | None = None,
                       file=progress, flush=True)
         for future in pending:
             future.cancel()
-    manifest = _manifest(seed, hours, produced, assignment)
+    manifest = _manifest(seed, split_seed, hours, produced, assignment)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
-def _manifest(seed: int, hours: float, produced: list[Summary], assignment: Assignment) -> dict[str, Any]:
+def _manifest(seed: int, split_seed: int, hours: float, produced: list[Summary],
+              assignment: Assignment) -> dict[str, Any]:
     seconds = sum(r.seconds for r in produced)
     splits = {}
     for split in SPLITS:
@@ -130,9 +133,10 @@ def _manifest(seed: int, hours: float, produced: list[Summary], assignment: Assi
         }
     counts = Counter(r.scenario for r in produced)
     return {
-        "version": FORMAT_VERSION, "seed": seed, "hours_requested": hours, "hours_produced": round(seconds / 3600, 6),
-        "seconds_produced": round(seconds, 3), "conversations": len(produced),
-        "sample_rate": SAMPLE_RATE, "micro_turn_samples": MICRO_TURN_SAMPLES, "latency_turns": LATENCY_TURNS,
-        "stop_turns": STOP_TURNS, "text_bytes_per_turn": TEXT_BYTES_PER_TURN, "espeak_ng": espeak_version(),
-        "model_voice": asdict(MODEL_VOICE), "scenarios": {s: counts[s] for s in SCENARIOS}, "splits": splits,
+        "version": FORMAT_VERSION, "seed": seed, "split_seed": split_seed, "hours_requested": hours,
+        "hours_produced": round(seconds / 3600, 6), "seconds_produced": round(seconds, 3),
+        "conversations": len(produced), "sample_rate": SAMPLE_RATE, "micro_turn_samples": MICRO_TURN_SAMPLES,
+        "latency_turns": LATENCY_TURNS, "stop_turns": STOP_TURNS, "text_bytes_per_turn": TEXT_BYTES_PER_TURN,
+        "espeak_ng": espeak_version(), "model_voice": asdict(MODEL_VOICE),
+        "scenarios": {s: counts[s] for s in SCENARIOS}, "splits": splits,
     }

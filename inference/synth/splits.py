@@ -1,4 +1,8 @@
-"""Train / validation / test splits, disjoint by voice and by phrasing, all drawn from the seed.
+"""Train / validation / test splits, disjoint by voice and by phrasing.
+
+Which voices and templates each split gets (:class:`Assignment`) is drawn from the split seed (``data synth
+--split-seed``, 0 by default), which conversation goes to which split (:func:`split_of`) from the set's seed; so sets
+made with other seeds share their held-out voices and phrasings.
 
 - Voices are split by variant: each espeak-ng variant (with every English voice name) belongs to one split, so a
   test voice (``name+variant``) is never heard in validation or training — nor is its timbre under another accent.
