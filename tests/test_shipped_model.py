@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -23,12 +24,13 @@ from tests.conftest import loopback_settings, start_gateway
 
 MAX_BYTES = 30 * 2**20
 TURN_TOR, PAUSE_TOR, ANSWER_TEXT = 0.8, 0.5, 0.1
-"""On these 12 conversations (made with today's timing: replies one micro-turn after their cue) the shipped model
-took 0.86 of the turns, 0.0 of the pauses and wrote 0.18 of the answers in its captions (the checkpoint before it,
-on the same 12 made with the old timing: 1.0, 0.0 and 0.18); a random-weight ``tiny`` took 0.29 of the turns and
-every pause, and wrote no answer. With their microphone's noise floor cut to digital zero it took 0.93 of the turns
-and 0.0 of the pauses (the checkpoint before it: 0.93 and 0.0; an earlier one, without the input's dither: 0.21 and
-0.0). (The issue's targets are higher still: see inference/README.md.)"""
+"""On the first 12 held-out conversations the shipped model took 0.93 of the turns and wrote 0.27 of the answers in
+its captions (the checkpoint before it: 0.86 and 0.18); with their microphone's noise floor cut to digital zero,
+1.0 of the turns. Those 12 hold a single pause, so pauses are scored on the first 12 held-out conversations that
+have any (14 pauses): the shipped model took over 0.36 of them, 0.43 with digital silence (the checkpoint before it:
+0.43 and 0.64). A random-weight ``tiny`` took 0.71 of the turns and wrote no answer, and took over 0.36 and 0.29 of
+the pauses: it babbles, so most pauses find it already speaking. So the pause bound catches a model that answers
+in every pause, the turn bound one that babbles. (The issue's targets are stricter: see inference/README.md.)"""
 
 
 def test_the_shipped_checkpoint_is_the_default_model() -> None:
@@ -56,23 +58,28 @@ async def test_the_demo_page_says_what_to_try_with_the_reference_model() -> None
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_the_shipped_model_takes_turns_on_held_out_conversations(tmp_path: Path) -> None:
     """The first test-split conversations of the training set's seed: their voices and phrasings were held out."""
-    synthesize(tmp_path / "set", hours=0.3, seed=0, workers=2)
-    convs = [Conversation.load(f) for f in conversations(tmp_path / "set" / "test")][:12]
-    assert len(convs) == 12
+    synthesize(tmp_path / "set", hours=1.3, seed=0, workers=2)
+    held_out = [Conversation.load(f) for f in conversations(tmp_path / "set" / "test")]
+    first, paused = held_out[:12], [c for c in held_out if c.meta["pauses"]][:12]
+    assert len(first) == len(paused) == 12
     model = load_backend("reference")
-    result = summarise([score(c.meta, play_offline(c, model, f"held-out-{i}")) for i, c in enumerate(convs)])
+
+    def play(convs: list[Conversation], name: str) -> dict[str, Any]:
+        return summarise([score(c.meta, play_offline(c, model, f"{name}-{i}")) for i, c in enumerate(convs)])
+
+    result, pauses = play(first, "held-out"), play(paused, "paused")
     assert result["turn_tor"] >= TURN_TOR, result
-    assert result["pause_tor"] <= PAUSE_TOR, result
     assert result["interrupt_tor"] is None or result["interrupt_tor"] >= 0.5, result
     assert result["answer_acc_text"] >= ANSWER_TEXT, result
+    assert pauses["pause_tor"] <= PAUSE_TOR, pauses
 
     # the same conversations from a microphone that sends exact zeros between utterances (a browser's fake,
     # muted or noise-suppressed one)
-    for c in convs:
+    for c in first + paused:
         spoken = np.zeros(len(c.user_audio), bool)
         for start, end in c.meta["user_speech"]:
             spoken[max(start, 0):end] = True
         c.user_audio = np.where(spoken, c.user_audio, 0.0).astype(np.float32)
-    silent = summarise([score(c.meta, play_offline(c, model, f"digital-{i}")) for i, c in enumerate(convs)])
+    silent, silent_pauses = play(first, "digital"), play(paused, "digital-paused")
     assert silent["turn_tor"] >= TURN_TOR, silent
-    assert silent["pause_tor"] <= PAUSE_TOR, silent
+    assert silent_pauses["pause_tor"] <= PAUSE_TOR, silent_pauses
