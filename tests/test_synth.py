@@ -61,6 +61,12 @@ def convs(root: Path) -> list[Conv]:
     return load(root)
 
 
+@pytest.fixture(scope="module")
+def other_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same hours drawn from another seed (the split seed left at 0)."""
+    return synth(tmp_path_factory.mktemp("synth") / "other", seed=1, workers=2)
+
+
 def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
 
@@ -254,35 +260,35 @@ def test_splits_share_no_voice_and_no_phrasing(root: Path, convs: list[Conv]) ->
     assert all(used[s][1] for s in used)
 
 
-def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(root: Path, tmp_path: Path) -> None:
+def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(root: Path, other_root: Path,
+                                                                      tmp_path: Path) -> None:
     again = synth(tmp_path / "again", seed=0, workers=1)
     names = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert all((root / n).read_bytes() == (again / n).read_bytes() for n in names)
-    other = synth(tmp_path / "other", seed=1, workers=2)
-    assert (other / "manifest.json").read_bytes() != (root / "manifest.json").read_bytes()
-    first = next(other.glob("*/c000000.npz"))
+    assert (other_root / "manifest.json").read_bytes() != (root / "manifest.json").read_bytes()
+    first = next(other_root.glob("*/c000000.npz"))
     assert first.read_bytes() != next(root.glob("*/c000000.npz")).read_bytes()
 
 
-def test_another_seed_keeps_the_held_out_voices_and_phrasings_unless_the_split_seed_changes(root: Path,
-                                                                                            tmp_path: Path) -> None:
+def test_another_seed_keeps_the_held_out_voices_and_phrasings_unless_the_split_seed_changes(
+        root: Path, other_root: Path, tmp_path: Path) -> None:
     def pools(manifest_dir: Path) -> dict[str, tuple[list[str], list[str]]]:
         splits = json.loads((manifest_dir / "manifest.json").read_text())["splits"]
         return {s: (splits[s]["voices"], splits[s]["phrasings"]) for s in splits}
 
-    other = synth(tmp_path / "other", seed=1, workers=2)
-    assert json.loads((other / "manifest.json").read_text())["split_seed"] == 0
-    assert pools(other) == pools(root)
-    for c in load(other):  # new conversations, drawn from the same pools
-        voices, phrasings = pools(root)[c.meta["split"]]
+    held_out = pools(root)
+    assert json.loads((other_root / "manifest.json").read_text())["split_seed"] == 0
+    assert pools(other_root) == held_out
+    for c in load(other_root):  # new conversations, drawn from the same pools
+        voices, phrasings = held_out[c.meta["split"]]
         assert f"{c.meta['voice']['name']}+{c.meta['voice']['variant']}" in voices
         assert set(c.meta["phrasing"]) <= set(phrasings)
     assert main(["data", "synth", "--out", str(tmp_path / "split1"), "--hours", "0.004", "--seed", "0",
                  "--split-seed", "1"]) == 0
     assert json.loads((tmp_path / "split1" / "manifest.json").read_text())["split_seed"] == 1
     moved = pools(tmp_path / "split1")
-    assert moved["test"][0] != pools(root)["test"][0] and moved["test"][1] != pools(root)["test"][1]
+    assert moved["test"][0] != held_out["test"][0] and moved["test"][1] != held_out["test"][1]
 
 
 def _seven_segments(mask: np.ndarray) -> str:
