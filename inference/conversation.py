@@ -81,6 +81,10 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
     pausing: set[int] = set()  # the micro-turns holding a sample of one of the user's mid-question pauses
     for first, last in conv.meta.get("pauses", []):
         pausing.update(range(first // MICRO_TURN_SAMPLES, (last - 1) // MICRO_TURN_SAMPLES + 1))
+    answering: set[int] = set()  # the micro-turns whose caption bytes say an answer (a reply starts with it)
+    for q in conv.meta.get("questions", []):
+        first = int(q["answer_start"]) // MICRO_TURN_SAMPLES
+        answering.update(range(first, first + -(-len(str(q["answer"]).encode()) // cfg.text_out)))
     out: list[TurnExample] = []
     for k in range(end):
         for text in conv.meta["user_text"][k]:
@@ -108,7 +112,8 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
             video = Tokens.of_patches(pixels, places, cfg.frames_per_token, cfg.n_mels)
         mel = said[k - start] if speaks else torch.full_like(said[k - start], dmel.LOG_MIN)
         out.append(TurnExample(layout.user_side(slots, video, heard[k - start], before),
-                               tokenizer.SPEAK if speaks else tokenizer.SILENT, ids, mel, k in pausing))
+                               tokenizer.SPEAK if speaks else tokenizer.SILENT, ids, mel, k in pausing,
+                               speaks and k in answering))
         before = layout.heard_next(before, heard[k - start])
     return out
 

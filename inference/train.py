@@ -8,7 +8,9 @@ attention mask as streaming. Losses:
 - text: cross-entropy of every model-side text token (``SPEAK``/``SILENT`` and the caption tokens), through
   the depth head with teacher forcing, plus the cross-entropy of the caption tokens of the micro-turns in which
   the model speaks on their own: they carry what it says, and are too few to matter in the first mean, which
-  silent micro-turns (all ``PAD``) fill;
+  silent micro-turns (all ``PAD``) fill. In that second mean the micro-turns that say an answer (the first bytes
+  of a reply to a question: a sum, a colour, a count, a background result) can count ``answer_weight`` times:
+  they are what the model must get right, and a few in each reply;
 - decision (when ``decision_weight`` > 0): the cross-entropy of the ``SPEAK``/``SILENT`` token alone, in which
   the micro-turns where the decision changes (the model starts, or stops) count :data:`CHANGE_WEIGHT` times. They
   are a few in a hundred, yet they are turn-taking: starting late, not at all, or not stopping. The micro-turns of
@@ -49,6 +51,7 @@ class TurnExample:
     caption: list[int]  # text_out ids
     mel: torch.Tensor  # (frames_per_turn, n_mels) log10 mel of the output audio (floor when silent)
     pause: bool = False  # the user pauses mid-question here: the model must not take the turn
+    answer: bool = False  # its caption bytes say (part of) the answer to a question
 
 
 @dataclass
@@ -62,6 +65,7 @@ class TrainBatch:
     mel_targets: torch.Tensor  # (M, frames, n_mels) the model side's output mel
     changes: torch.Tensor  # (M,) bool: the SPEAK/SILENT decision differs from the micro-turn before
     pauses: torch.Tensor  # (M,) bool: the micro-turn is in one of the user's mid-question pauses
+    answers: torch.Tensor  # (M,) bool: the micro-turn's caption says (part of) an answer
     turns: list[int]  # micro-turns per sequence
     heard: torch.Tensor | None = None  # (M, V) the user's words that ended in each micro-turn (inference.listen)
 
@@ -72,7 +76,7 @@ class TrainBatch:
 
 
 def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> TrainBatch:
-    parts, lengths, rows, text_targets, mels, changes, pauses = [], [], [], [], [], [], []
+    parts, lengths, rows, text_targets, mels, changes, pauses, answers = [], [], [], [], [], [], [], []
     offset = 0
     for turns in sequences:
         start = offset
@@ -82,6 +86,7 @@ def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> Train
         for turn in turns:
             changes.append(turn.control != previous)
             pauses.append(turn.pause)
+            answers.append(turn.answer)
             previous = turn.control
             model_side = layout.model_side(turn.control, turn.caption, dmel.quantize(turn.mel))
             rows.append(offset + len(turn.user) - 1)
@@ -92,7 +97,7 @@ def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> Train
         lengths.append(offset - start)
     return TrainBatch(Tokens.cat(parts), lengths, torch.tensor(rows), torch.stack(text_targets),
                       torch.stack(mels), torch.tensor(changes), torch.tensor(pauses, dtype=torch.bool),
-                      [len(turns) for turns in sequences])
+                      torch.tensor(answers, dtype=torch.bool), [len(turns) for turns in sequences])
 
 
 @dataclass
@@ -133,9 +138,11 @@ def teacher_forced(net: ReferenceNet, batch: TrainBatch) -> Forced:
 
 def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Generator,
                    balance_weight: float = 0.01, decision_weight: float = 0.0, pause_weight: float = 1.0,
-                   probe: ListenProbe | None = None, listen_weight: float = 1.0) -> tuple[Losses, torch.Tensor]:
+                   probe: ListenProbe | None = None, listen_weight: float = 1.0, answer_weight: float = 1.0
+                   ) -> tuple[Losses, torch.Tensor]:
     """The losses (the decision loss is part of ``text``; in it a micro-turn of a mid-question pause counts
-    ``pause_weight`` times), and the per-layer expert load (L, E) of this batch.
+    ``pause_weight`` times; in the mean over the spoken captions a micro-turn that says an answer counts
+    ``answer_weight`` times), and the per-layer expert load (L, E) of this batch.
     The listening loss counts when ``probe`` is given and the batch has ``heard`` targets (the probe's presence is
     the switch; ``listen_weight`` only weighs it)."""
     cfg, device = net.cfg, net.text_head.weight.device
@@ -145,7 +152,9 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
     text = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     speaking = targets[:, 0] == tokenizer.SPEAK
     if bool(speaking.any()):
-        text = text + F.cross_entropy(logits[speaking, 1:].flatten(0, 1), targets[speaking, 1:].flatten())
+        said = F.cross_entropy(logits[speaking, 1:].transpose(1, 2), targets[speaking, 1:], reduction="none")
+        weights = 1 + (answer_weight - 1) * batch.answers.to(device)[speaking].float()  # (n,) per micro-turn
+        text = text + (weights[:, None] * said).sum() / (weights.sum() * said.shape[1])
     if decision_weight > 0:
         weights = (1 + (CHANGE_WEIGHT - 1) * batch.changes.to(device).float()
                    + (pause_weight - 1) * batch.pauses.to(device).float())
@@ -189,12 +198,13 @@ BIAS_RATE = 1e-3
 
 def train_step(net: ReferenceNet, optimizer: torch.optim.Optimizer, batch: TrainBatch,
                generator: torch.Generator, bias_rate: float = BIAS_RATE, decision_weight: float = 0.0,
-               pause_weight: float = 1.0, probe: ListenProbe | None = None, listen_weight: float = 1.0) -> Losses:
+               pause_weight: float = 1.0, probe: ListenProbe | None = None, listen_weight: float = 1.0,
+               answer_weight: float = 1.0) -> Losses:
     """One optimiser step (of ``net``, and of ``probe`` when given: its parameters must be in ``optimizer``);
     returns the (detached) losses."""
     net.train()
     losses, load = compute_losses(net, batch, generator, decision_weight=decision_weight, pause_weight=pause_weight,
-                                  probe=probe, listen_weight=listen_weight)
+                                  probe=probe, listen_weight=listen_weight, answer_weight=answer_weight)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     torch.nn.utils.clip_grad_norm_([*net.parameters(), *(probe.parameters() if probe is not None else ())], 1.0)

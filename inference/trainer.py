@@ -86,6 +86,7 @@ class TrainSettings:
     parts: str = "all"  # all | flow: train only the flow head, the rest frozen (batch: spoken micro-turns)
     decision_weight: float = 0.0  # weight of the SPEAK/SILENT decision loss (see inference.train); 0: none
     pause_weight: float = 1.0  # how many times a micro-turn of a mid-question pause counts in the decision loss
+    answer_weight: float = 1.0  # how many times a micro-turn that says an answer counts in the spoken-caption loss
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
@@ -167,6 +168,9 @@ class Trainer:
         if s.pause_weight <= 0 or (s.pause_weight != 1 and s.decision_weight <= 0):
             raise ValueError(f"--pause-weight weighs micro-turns of the decision loss: give a weight above 0 and a "
                              f"--decision-weight, not {s.pause_weight} with {s.decision_weight}")
+        if s.answer_weight <= 0:
+            raise ValueError(f"--answer-weight weighs micro-turns of the caption loss: give a weight above 0, "
+                             f"not {s.answer_weight}")
         if s.listen_span < 1:
             raise ValueError(f"--listen-span is a number of micro-turns, at least 1, not {s.listen_span}")
         if s.listen_span > 1 and s.listen_at == "encoder":
@@ -343,7 +347,8 @@ class Trainer:
             else:
                 batch = self._batch()
                 losses = train_step(self.net, self.optimizer, batch, self.noise_gen, decision_weight=s.decision_weight,
-                                    pause_weight=s.pause_weight, probe=self.probe, listen_weight=s.listen_weight)
+                                    pause_weight=s.pause_weight, probe=self.probe, listen_weight=s.listen_weight,
+                                    answer_weight=s.answer_weight)
                 turns = len(batch.rows)
             self.step += 1
             turns_seen += turns

@@ -224,6 +224,37 @@ def test_the_micro_turns_of_a_mid_question_pause_weigh_more_in_the_decision_loss
                                   decision_weight=decision))
 
 
+def test_the_micro_turns_that_say_an_answer_weigh_more_in_the_caption_loss(tmp_path: Path) -> None:
+    path = write_conversation(tmp_path, "c0", 0)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["questions"][0]["answer"] = "it is red"  # 9 bytes from 1.4 s: the captions of micro-turns 7, 8 and 9
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    cfg = dataclasses.replace(preset("tiny"), audio_context=0)
+    got = examples(Conversation.load(path), cfg)
+    assert [e.answer for e in got] == [k in (7, 8, 9) for k in range(TURNS)]
+    assert bytes(b for e in got if e.answer for b in e.caption if b < 256).decode() == "it is red"
+
+    batch = build_batch(TurnLayout.of(cfg), [got])
+    assert batch.answers.tolist() == [e.answer for e in got]
+    torch.manual_seed(0)
+    net = ReferenceNet(cfg).eval()
+    with torch.no_grad():
+        plain, _ = compute_losses(net, batch, torch.Generator().manual_seed(1))
+        even, _ = compute_losses(net, batch, torch.Generator().manual_seed(1), answer_weight=1.0)
+        weighed, _ = compute_losses(net, batch, torch.Generator().manual_seed(1), answer_weight=5.0)
+        logits = teacher_forced(net, batch).logits
+    speaking = batch.text_targets[:, 0] == tokenizer.SPEAK
+    ce = torch.nn.functional.cross_entropy(logits[speaking, 1:].transpose(1, 2), batch.text_targets[speaking, 1:],
+                                           reduction="none").mean(1)  # (speaking micro-turns,)
+    assert float(even.text) == float(plain.text)
+    w = 1.0 + 4.0 * batch.answers[speaking].float()
+    assert abs(float(weighed.text - plain.text) - float((w * ce).sum() / w.sum() - ce.mean())) < 1e-5
+
+    with pytest.raises(ValueError, match="--answer-weight"):
+        Trainer(TrainSettings(data=write_data_set(tmp_path / "data", 1), out=tmp_path / "x", steps=1,
+                              answer_weight=0.0))
+
+
 def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_path: Path) -> None:
     data = write_data_set(tmp_path / "data", 2)
     base: dict[str, Any] = dict(data=data, steps=3, batch=2, window=6, val_every=3, save_every=3, val_windows=1,
