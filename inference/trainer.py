@@ -9,7 +9,9 @@ The run folder (``--out``) holds:
 - ``loss.png`` — training and validation loss per step; ``log.jsonl`` — one line per logged step.
 
 Each step samples ``batch`` windows of ``window`` micro-turns (random conversation, random start) from the train
-split with the run's own generator, turns them into examples laid out as the engine lays out a live session
+split with the run's own generator (with ``answer_windows`` > 0, that share of the windows is placed around a
+micro-turn that starts an answer, drawn from all of the split's answers: the question, and the answer in the window's
+second half), turns them into examples laid out as the engine lays out a live session
 (:mod:`inference.conversation`) and takes one optimiser step (:func:`inference.train.train_step`: the model code
 path the engine runs). Validation: the mean loss over fixed windows of the validation split. Starting a run in a
 folder that has ``state.pt`` resumes it: the same seed, data and settings give the same weights as a run that was
@@ -60,6 +62,7 @@ from inference.train import (
     teacher_forced,
     train_step,
 )
+from microturn.contracts import MICRO_TURN_SAMPLES
 
 PARTS = ("all", "flow", "encoder")
 """What a run trains: the whole model, only the flow head, or only the audio encoder (to recognise words)."""
@@ -87,6 +90,7 @@ class TrainSettings:
     decision_weight: float = 0.0  # weight of the SPEAK/SILENT decision loss (see inference.train); 0: none
     pause_weight: float = 1.0  # how many times a micro-turn of a mid-question pause counts in the decision loss
     answer_weight: float = 1.0  # how many times a micro-turn that says an answer counts in the spoken-caption loss
+    answer_windows: float = 0.0  # the share of windows placed around an answer (0: all at random places)
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
@@ -138,6 +142,15 @@ def _split(data: Path, *names: str) -> list[Path]:
     raise FileNotFoundError(f"{data}: no {' or '.join(names)} folder; make a data set with `microturn data synth`")
 
 
+def _answers(files: list[Path]) -> list[tuple[Path, int]]:
+    """Every answer of these conversations: (conversation, the micro-turn its reply starts in)."""
+    found = []
+    for path in files:
+        for q in json.loads(path.with_suffix(".json").read_text()).get("questions", []):
+            found.append((path, int(q["answer_start"]) // MICRO_TURN_SAMPLES))
+    return found
+
+
 def _lr(s: TrainSettings, step: int) -> float:
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
@@ -149,6 +162,16 @@ def _window(conv: Conversation, window: int, generator: torch.Generator) -> tupl
     length = min(window, conv.turns)
     start = int(torch.randint(0, conv.turns - length + 1, (), generator=generator))
     return start, length
+
+
+def _window_around(conv: Conversation, turn: int, window: int, generator: torch.Generator) -> tuple[int, int]:
+    """A window that holds micro-turn ``turn`` (and the one after it) in its second half, what asked for it
+    before; clipped to the conversation."""
+    length = min(window, conv.turns)
+    last = conv.turns - length
+    low = min(max(0, turn + 2 - length), last)
+    high = min(max(low, turn - length // 2), last)
+    return low + int(torch.randint(0, high - low + 1, (), generator=generator)), length
 
 
 class Trainer:
@@ -171,6 +194,9 @@ class Trainer:
         if s.answer_weight <= 0:
             raise ValueError(f"--answer-weight weighs micro-turns of the caption loss: give a weight above 0, "
                              f"not {s.answer_weight}")
+        if not 0.0 <= s.answer_windows <= 1.0:
+            raise ValueError(f"--answer-windows is the share of windows placed around an answer, from 0 to 1, "
+                             f"not {s.answer_windows}")
         if s.listen_span < 1:
             raise ValueError(f"--listen-span is a number of micro-turns, at least 1, not {s.listen_span}")
         if s.listen_span > 1 and s.listen_at == "encoder":
@@ -184,6 +210,9 @@ class Trainer:
         self.layout = TurnLayout.of(self.cfg)
         self.train_files = _split(s.data, "train")
         self.val_files = _split(s.data, "validation", "val")
+        self.answers = _answers(self.train_files) if s.answer_windows else []
+        if s.answer_windows and not self.answers:
+            raise ValueError(f"{s.data}: --answer-windows needs answers, and the train split has no questions")
         torch.manual_seed(s.seed)
         self.net = ReferenceNet(self.cfg).to(s.device)
         if s.init is not None:
@@ -255,6 +284,11 @@ class Trainer:
     def _batch(self) -> TrainBatch:
         windows = []
         for _ in range(self.s.batch):
+            if self.answers and float(torch.rand((), generator=self.data_gen)) < self.s.answer_windows:
+                path, turn = self.answers[int(torch.randint(0, len(self.answers), (), generator=self.data_gen))]
+                conv = self._conversation(path)
+                windows.append((conv, *_window_around(conv, turn, self.s.window, self.data_gen)))
+                continue
             path = self.train_files[int(torch.randint(0, len(self.train_files), (), generator=self.data_gen))]
             conv = self._conversation(path)
             windows.append((conv, *_window(conv, self.s.window, self.data_gen)))

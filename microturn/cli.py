@@ -120,7 +120,7 @@ def _train(args: argparse.Namespace) -> int:
                              val_every=args.val_every, val_windows=args.val_windows, save_every=args.save_every,
                              seed=args.seed, device=args.device, threads=args.threads, init=args.init,
                              parts=args.parts, decision_weight=args.decision_weight, pause_weight=args.pause_weight,
-                             answer_weight=args.answer_weight,
+                             answer_weight=args.answer_weight, answer_windows=args.answer_windows,
                              flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight,
                              audio_context=args.audio_context, listen_at=args.listen_at,
                              listen_span=args.listen_span)
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--answer-weight", type=float, default=1.0,
                        help="how many times a micro-turn whose caption says an answer (a sum, a colour, a count, a "
                        "background result) counts in the loss on what the model says (1: like any other)")
+    train.add_argument("--answer-windows", type=float, default=0.0,
+                       help="the share of training windows placed around an answer, drawn from all of the train "
+                       "split's answers, with the question before it (0: every window at a random place)")
     train.add_argument("--listen-weight", type=float, default=0.0,
                        help="weight of a training-only probe that names the user's words in each micro-turn from "
                        "the trunk's state (inference.listen; 0: off)")

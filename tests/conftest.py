@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from microturn.client import RATE, ProbeClient
 from microturn.config import Settings
@@ -24,7 +25,7 @@ from microturn.local import free_port
 from microturn.probe import read_audio
 from webrtc_gateway.app import create_app
 
-__all__ = ["drains_on_sigterm", "free_port", "loopback_settings", "start_gateway"]
+__all__ = ["drains_on_sigterm", "free_port", "loopback_settings", "metric_samples", "scrape_metrics", "start_gateway"]
 
 
 @pytest.fixture
@@ -49,6 +50,24 @@ async def start_gateway(settings: Settings) -> TestServer:
     server = TestServer(create_app(settings), host="127.0.0.1")
     await server.start_server()
     return server
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """Prometheus exposition text, parsed by Prometheus' own parser: ``{"name{label=value,…}": value}`` (labels
+    sorted; a sample without labels is keyed by its name alone)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+async def scrape_metrics(url: str) -> dict[str, float]:
+    """``GET url/metrics`` as :func:`metric_samples`; it must answer 200 in Prometheus' text format."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+        assert resp.status == 200 and resp.content_type == "text/plain"
+        return metric_samples(await resp.text())
 
 
 async def drains_on_sigterm(url: str, proc: subprocess.Popen[bytes]) -> None:

@@ -13,13 +13,12 @@ from typing import cast
 import aiohttp
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from microturn.bench_gateway import clicks, returned_at
 from microturn.client import ProbeClient
 from microturn.config import Settings
 from microturn.local import serve
-from tests.conftest import drains_on_sigterm, free_port
+from tests.conftest import drains_on_sigterm, free_port, scrape_metrics
 from webrtc_gateway.front import BACKOFF_MAX_S, STABLE_S, GatewayProcess, merge_metrics
 from webrtc_gateway.routing import new_session_id, process_of
 
@@ -77,13 +76,6 @@ def gateway_processes(front_pid: int) -> list[int]:
     return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
-async def metrics(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with http.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
-
-
 async def test_sessions_spread_over_the_processes_and_each_call_reaches_its_own(
         front: tuple[str, subprocess.Popen[bytes]]) -> None:
     url, _ = front
@@ -94,9 +86,9 @@ async def test_sessions_spread_over_the_processes_and_each_call_reaches_its_own(
                 assert resp.status == 201
                 grants.append(await resp.json())
         assert sorted(process_of(g["session_id"], 2) for g in grants) == [0, 0, 1, 1]  # the least loaded takes it
-        seen = await metrics(http, url)
+        seen = await scrape_metrics(url)
         for index in ("0", "1"):
-            assert seen[("microturn_sessions", (("process", index), ("state", "new")))] == 2
+            assert seen[f"microturn_sessions{{process={index},state=new}}"] == 2
         for g in grants:  # the process that made a session answers for it (the other one does not know it)
             auth = {"Authorization": f"Bearer {g['token']}"}
             async with http.get(f"{url}/v1/sessions/{g['session_id']}", headers=auth) as resp:
@@ -140,9 +132,8 @@ async def test_echo_round_trips_on_both_processes_and_their_counters_add_up(
         delays = [returned_at(out, t) for t in times]
         overhead = np.array([d - t - MICRO_TURN_S for d, t in zip(delays, times, strict=True) if d is not None])
         assert overhead.size == len(times) and np.all((overhead >= 0) & (overhead < 0.08)), overhead
-    async with aiohttp.ClientSession() as http:
-        seen = await metrics(http, url)
-    per_process = [seen[("microturn_micro_turns_total", (("process", i),))] for i in ("0", "1")]
+    seen = await scrape_metrics(url)
+    per_process = [seen[f"microturn_micro_turns_total{{process={i}}}"] for i in ("0", "1")]
     assert all(n >= 15 for n in per_process), per_process  # each process counted its own session's micro-turns
     assert sum(per_process) >= sum(s["micro_turns"] for s in states)
 
@@ -161,7 +152,7 @@ async def test_a_process_that_dies_is_started_again(front: tuple[str, subprocess
                 break
         else:
             raise AssertionError("the killed gateway process was not started again")
-        assert (await metrics(http, url))[("microturn_gateway_process_restarts_total", ())] == 1
+        assert (await scrape_metrics(url))["microturn_gateway_process_restarts_total"] == 1
         made = set()
         for _ in range(6):  # sessions on both processes, the new one included, work
             async with http.post(f"{url}/v1/sessions", json={}) as resp:

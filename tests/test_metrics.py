@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 from microturn.client import RATE, ProbeClient
-from tests.conftest import loopback_settings, start_gateway
+from tests.conftest import loopback_settings, scrape_metrics, start_gateway
 from webrtc_gateway import session as session_module
 from webrtc_gateway.playout import FRAME_S
 
 
-def samples(text: str) -> dict[str, float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
 async def scrape(server: TestServer) -> dict[str, float]:
-    async with aiohttp.ClientSession() as http, http.get(server.make_url("/metrics")) as resp:
-        assert resp.status == 200 and resp.content_type == "text/plain"
-        return samples(await resp.text())
+    return await scrape_metrics(str(server.make_url("/")).rstrip("/"))
 
 
 async def test_metrics_count_what_a_session_did(monkeypatch: pytest.MonkeyPatch) -> None:

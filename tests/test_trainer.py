@@ -255,6 +255,22 @@ def test_the_micro_turns_that_say_an_answer_weigh_more_in_the_caption_loss(tmp_p
                               answer_weight=0.0))
 
 
+def test_answer_windows_place_windows_around_answers(tmp_path: Path) -> None:
+    data = write_data_set(tmp_path / "data", 3)  # 12 micro-turns each; the answer starts in micro-turn 7
+
+    def answered(share: float) -> list[bool]:
+        trainer = Trainer(TrainSettings(data=data, out=tmp_path / str(share), steps=1, batch=2, window=6,
+                                        answer_windows=share))
+        batches = [trainer._batch() for _ in range(8)]
+        return [bool(a.any()) for b in batches for a in b.answers.split(b.turns)]
+
+    assert all(answered(1.0))
+    assert not all(answered(0.0))  # a window of 6 at a random place often misses it
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="--answer-windows"):
+            Trainer(TrainSettings(data=data, out=tmp_path / "x", steps=1, answer_windows=share))
+
+
 def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_path: Path) -> None:
     data = write_data_set(tmp_path / "data", 2)
     base: dict[str, Any] = dict(data=data, steps=3, batch=2, window=6, val_every=3, save_every=3, val_windows=1,

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 from inference.echo import EchoModel
 from inference.worker import WORKER, create_worker_app
 from microturn import wire
 from microturn.config import Settings
 from microturn.contracts import ControlEvent, MicroTurn, MicroTurnOutput, OutputEvent
+from tests.conftest import metric_samples
 
 
 def turn(sid: str, index: int, video: bool = False) -> MicroTurn:
@@ -118,7 +118,7 @@ async def test_worker_opens_steps_and_closes_sessions_and_counts_them(worker_cli
         out, worker_s = wire.decode_output(await frames_until(ws, wire.Kind.OUTPUT))
         assert out.index == 0 and np.allclose(out.audio, t.audio) and 0 <= worker_s < 1
         metrics = await (await worker_client.get("/metrics")).text()
-        values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+        values = metric_samples(metrics)
         assert values["microturn_engine_sessions"] == 2
         assert values["microturn_engine_ticks_total"] == 1
         assert values["microturn_engine_tick_seconds_count"] == 1

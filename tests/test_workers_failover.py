@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client.parser import text_string_to_metric_families
 
 from microturn.bench_failover import voice
 from microturn.client import ProbeClient
 from microturn.local import free_port, serve, worker
+from tests.conftest import scrape_metrics
 from tests.test_resume import caption_digests, expected_digests
 from webrtc_gateway.store import worker_key
 
@@ -51,13 +51,6 @@ def cluster(redis_url: str) -> Iterator[Cluster]:
     c = Cluster(f"http://127.0.0.1:{port}", gateway, workers)
     yield c
     c.stop()
-
-
-async def metrics(url: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    return {s.name + (str(sorted(s.labels.items())) if s.labels else ""): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
 
 
 async def run_sessions(cluster: Cluster, redis_url: str, seconds: float, n: int,
@@ -118,9 +111,9 @@ async def test_sigkill_a_worker_and_its_sessions_go_on_on_the_other(cluster: Clu
         await check_context_intact(c, redis_url)
     gaps = [c.longest_caption_gap() for c in moved]
     assert all(gap < 2.0 for gap in gaps), gaps  # a gap the browser side can report (seen: about 0.25 s), no more
-    m = await metrics(cluster.url)
+    m = await scrape_metrics(cluster.url)
     assert m["microturn_worker_reassignments_total"] == len(moved)
-    assert m["microturn_workers[('state', 'up')]"] == 1
+    assert m["microturn_workers{state=up}"] == 1
 
 
 async def test_drain_a_worker_and_no_session_is_lost(cluster: Cluster, redis_url: str) -> None:
@@ -139,6 +132,6 @@ async def test_drain_a_worker_and_no_session_is_lost(cluster: Cluster, redis_url
         assert turns == list(range(turns[0], turns[-1] + 1))  # a drain loses no micro-turn at all
         assert turns[-1] >= 30
         await check_context_intact(c, redis_url)
-    m = await metrics(cluster.url)
+    m = await scrape_metrics(cluster.url)
     assert m["microturn_worker_reassignments_total"] >= 1
     assert m["microturn_turns_not_stepped_total"] == 0
