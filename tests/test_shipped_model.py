@@ -25,12 +25,13 @@ from tests.conftest import loopback_settings, start_gateway
 MAX_BYTES = 30 * 2**20
 TURN_TOR, PAUSE_TOR, ANSWER_TEXT = 0.8, 0.5, 0.1
 """On the first 12 held-out conversations the shipped model took 0.93 of the turns and wrote 0.27 of the answers in
-its captions (the checkpoint before it: 0.86 and 0.18); with their microphone's noise floor cut to digital zero,
-1.0 of the turns. Those 12 hold a single pause, so pauses are scored on the first 12 held-out conversations that
-have any (14 pauses): the shipped model took over 0.36 of them, 0.43 with digital silence (the checkpoint before it:
-0.43 and 0.64). A random-weight ``tiny`` took 0.71 of the turns and wrote no answer, and took over 0.36 and 0.29 of
-the pauses: it babbles, so most pauses find it already speaking. So the pause bound catches a model that answers
-in every pause, the turn bound one that babbles. (The issue's targets are stricter: see inference/README.md.)"""
+its captions (the checkpoint before it: the same); with their microphone's noise floor cut to digital zero, 0.93 of
+the turns (1.0). Those 12 hold a single pause, so pauses are scored on the first 12 held-out conversations that
+have any (14 pauses): the shipped model took over 0.36 of them, 0.29 with digital silence (the checkpoint before it:
+0.36 and 0.43; the one before that, 0.43 and 0.64). A random-weight ``tiny`` took 0.71 of the turns and wrote no
+answer, and took over 0.36 and 0.29 of the pauses: it babbles, so most pauses find it already speaking. So the pause
+bound catches a model that answers in every pause, the turn bound one that babbles. (The issue's targets are
+stricter: see inference/README.md.)"""
 
 
 def test_the_shipped_checkpoint_is_the_default_model() -> None:
