@@ -165,8 +165,8 @@ def _window(conv: Conversation, window: int, generator: torch.Generator) -> tupl
 
 
 def _window_around(conv: Conversation, turn: int, window: int, generator: torch.Generator) -> tuple[int, int]:
-    """A window that holds micro-turn ``turn`` (and the one after it) in its second half, what asked for it
-    before; clipped to the conversation."""
+    """A window with micro-turn ``turn`` and the next one in its second half, so that what led to them (the
+    question) comes before; clipped to the conversation."""
     length = min(window, conv.turns)
     last = conv.turns - length
     low = min(max(0, turn + 2 - length), last)
