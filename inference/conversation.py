@@ -63,6 +63,11 @@ def conversations(folder: Path) -> list[Path]:
     return found
 
 
+def answers(meta: dict[str, Any]) -> list[tuple[int, str]]:
+    """A conversation's answers: (the micro-turn its reply starts in, the answer the reply starts with)."""
+    return [(int(q["answer_start"]) // MICRO_TURN_SAMPLES, str(q["answer"])) for q in meta.get("questions", [])]
+
+
 def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int | None = None) -> list[TurnExample]:
     """Micro-turns ``[start, start + length)`` of ``conv`` as training examples (the queues run from turn 0)."""
     layout = TurnLayout.of(cfg)
@@ -82,9 +87,8 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
     for first, last in conv.meta.get("pauses", []):
         pausing.update(range(first // MICRO_TURN_SAMPLES, (last - 1) // MICRO_TURN_SAMPLES + 1))
     answering: set[int] = set()  # the micro-turns whose caption bytes say an answer (a reply starts with it)
-    for q in conv.meta.get("questions", []):
-        first = int(q["answer_start"]) // MICRO_TURN_SAMPLES
-        answering.update(range(first, first + -(-len(str(q["answer"]).encode()) // cfg.text_out)))
+    for first, answer in answers(conv.meta):
+        answering.update(range(first, first + -(-len(answer.encode()) // cfg.text_out)))
     out: list[TurnExample] = []
     for k in range(end):
         for text in conv.meta["user_text"][k]:

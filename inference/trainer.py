@@ -48,7 +48,7 @@ import torch
 from inference import tokenizer
 from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
-from inference.conversation import Conversation, conversations, examples
+from inference.conversation import Conversation, answers, conversations, examples
 from inference.layout import TurnLayout
 from inference.listen import ListenProbe, heard, vocabulary_of
 from inference.model import ReferenceNet
@@ -62,7 +62,6 @@ from inference.train import (
     teacher_forced,
     train_step,
 )
-from microturn.contracts import MICRO_TURN_SAMPLES
 
 PARTS = ("all", "flow", "encoder")
 """What a run trains: the whole model, only the flow head, or only the audio encoder (to recognise words)."""
@@ -144,11 +143,8 @@ def _split(data: Path, *names: str) -> list[Path]:
 
 def _answers(files: list[Path]) -> list[tuple[Path, int]]:
     """Every answer of these conversations: (conversation, the micro-turn its reply starts in)."""
-    found = []
-    for path in files:
-        for q in json.loads(path.with_suffix(".json").read_text()).get("questions", []):
-            found.append((path, int(q["answer_start"]) // MICRO_TURN_SAMPLES))
-    return found
+    return [(path, turn) for path in files
+            for turn, _ in answers(json.loads(path.with_suffix(".json").read_text()))]
 
 
 def _lr(s: TrainSettings, step: int) -> float:

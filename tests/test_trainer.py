@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from inference.layout import TurnLayout
 from inference.listen import heard
 from inference.model import ReferenceNet
 from inference.reference import ReferenceModel
-from inference.train import build_batch, compute_losses, teacher_forced
+from inference.train import TrainBatch, TurnExample, build_batch, compute_losses, teacher_forced
 from inference.trainer import Trainer, TrainSettings
 from microturn.contracts import MicroTurn
 
@@ -193,19 +194,27 @@ def test_a_listening_run_with_a_span_holds_each_word_and_resumes_only_with_that_
         Trainer(settings("x", 2, 2, listen_at="encoder", audio_context=12))
 
 
-def test_the_micro_turns_of_a_mid_question_pause_weigh_more_in_the_decision_loss(tmp_path: Path) -> None:
+def edited_examples(tmp_path: Path, edit: Callable[[dict[str, Any]], None]
+                    ) -> tuple[list[TurnExample], TrainBatch, ReferenceNet]:
+    """The test conversation with ``edit`` applied to its labels: its examples (no audio encoder), their batch, and
+    a seeded untrained model to compute losses with."""
     path = write_conversation(tmp_path, "c0", 0)
     meta = json.loads(path.with_suffix(".json").read_text())
-    meta["pauses"] = [[int(0.5 * 16_000), int(0.9 * 16_000)]]  # samples 8000–14399: micro-turns 2, 3 and 4
+    edit(meta)
     path.with_suffix(".json").write_text(json.dumps(meta))
     cfg = dataclasses.replace(preset("tiny"), audio_context=0)
     got = examples(Conversation.load(path), cfg)
-    assert [e.pause for e in got] == [k in (2, 3, 4) for k in range(TURNS)]
-
-    batch = build_batch(TurnLayout.of(cfg), [got])
-    assert batch.pauses.tolist() == [e.pause for e in got]
     torch.manual_seed(0)
-    net = ReferenceNet(cfg).eval()
+    return got, build_batch(TurnLayout.of(cfg), [got]), ReferenceNet(cfg).eval()
+
+
+def test_the_micro_turns_of_a_mid_question_pause_weigh_more_in_the_decision_loss(tmp_path: Path) -> None:
+    def pause(meta: dict[str, Any]) -> None:
+        meta["pauses"] = [[int(0.5 * 16_000), int(0.9 * 16_000)]]  # samples 8000–14399: micro-turns 2, 3 and 4
+
+    got, batch, net = edited_examples(tmp_path, pause)
+    assert [e.pause for e in got] == [k in (2, 3, 4) for k in range(TURNS)]
+    assert batch.pauses.tolist() == [e.pause for e in got]
     with torch.no_grad():
         plain, _ = compute_losses(net, batch, torch.Generator().manual_seed(1))
         even, _ = compute_losses(net, batch, torch.Generator().manual_seed(1), decision_weight=1.0)
@@ -225,19 +234,13 @@ def test_the_micro_turns_of_a_mid_question_pause_weigh_more_in_the_decision_loss
 
 
 def test_the_micro_turns_that_say_an_answer_weigh_more_in_the_caption_loss(tmp_path: Path) -> None:
-    path = write_conversation(tmp_path, "c0", 0)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    meta["questions"][0]["answer"] = "it is red"  # 9 bytes from 1.4 s: the captions of micro-turns 7, 8 and 9
-    path.with_suffix(".json").write_text(json.dumps(meta))
-    cfg = dataclasses.replace(preset("tiny"), audio_context=0)
-    got = examples(Conversation.load(path), cfg)
+    def longer_answer(meta: dict[str, Any]) -> None:
+        meta["questions"][0]["answer"] = "it is red"  # 9 bytes from 1.4 s: the captions of micro-turns 7, 8 and 9
+
+    got, batch, net = edited_examples(tmp_path, longer_answer)
     assert [e.answer for e in got] == [k in (7, 8, 9) for k in range(TURNS)]
     assert bytes(b for e in got if e.answer for b in e.caption if b < 256).decode() == "it is red"
-
-    batch = build_batch(TurnLayout.of(cfg), [got])
     assert batch.answers.tolist() == [e.answer for e in got]
-    torch.manual_seed(0)
-    net = ReferenceNet(cfg).eval()
     with torch.no_grad():
         plain, _ = compute_losses(net, batch, torch.Generator().manual_seed(1))
         even, _ = compute_losses(net, batch, torch.Generator().manual_seed(1), answer_weight=1.0)
