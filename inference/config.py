@@ -45,6 +45,7 @@ class ModelConfig:
     video_height: int = VIDEO_HEIGHT
     video_width: int = VIDEO_WIDTH
     video_slots: int = 2  # patch tokens per micro-turn, scanning the latest frame: all 12 every 6 (1.2 s)
+    video_thumbnail: bool = False  # the first slot carries the frame's thumbnail every micro-turn, the others scan
     stem_dims: tuple[int, int] = (48, 96)  # widths of the stem's 5x5 and 10x10 stages
     # flow head (rectified flow over one micro-turn of output mel)
     flow_dim: int = 256
@@ -71,6 +72,8 @@ class ModelConfig:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
         if self.max_step_tokens < self.turn_tokens:
             raise ValueError(f"max_step_tokens must hold one micro-turn ({self.turn_tokens} tokens)")
+        if self.video_thumbnail and self.video_slots < 2:
+            raise ValueError("video_thumbnail takes one video slot; the patches need at least one more")
         if self.audio_context < 0:
             raise ValueError("audio_context cannot be negative")
         if self.top_k > self.n_experts:

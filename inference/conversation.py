@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,11 @@ def conversations(folder: Path) -> list[Path]:
     return found
 
 
-def answers(meta: dict[str, Any]) -> list[tuple[int, str]]:
-    """A conversation's answers: (the micro-turn its reply starts in, the answer the reply starts with)."""
-    return [(int(q["answer_start"]) // MICRO_TURN_SAMPLES, str(q["answer"])) for q in meta.get("questions", [])]
+def answers(meta: dict[str, Any], kinds: Collection[str] = ()) -> list[tuple[int, str]]:
+    """A conversation's answers: (the micro-turn its reply starts in, the answer the reply starts with); only those
+    to questions of these ``kinds`` (``visual``, ``background``, …) when some are given."""
+    return [(int(q["answer_start"]) // MICRO_TURN_SAMPLES, str(q["answer"])) for q in meta.get("questions", [])
+            if not kinds or q["kind"] in kinds]
 
 
 def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int | None = None) -> list[TurnExample]:

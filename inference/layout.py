@@ -7,7 +7,9 @@ config), so every session appends the same number of tokens per tick and batched
                                 control events (after EVENT); PAD when there is nothing. Longer input waits
                                 for later micro-turns (4 bytes per 200 ms)
                 [v0 v1]         two patch tokens of the latest camera frame, scanning its 12 patches in order
-                                (the whole frame every 6 micro-turns, 1.2 s); NO_VIDEO with the camera off
+                                (the whole frame every 6 micro-turns, 1.2 s); NO_VIDEO with the camera off.
+                                With ``video_thumbnail``, v0 is the frame's thumbnail (the whole frame in one
+                                patch) every micro-turn and v1 scans the patches (all 12 every 2.4 s)
                 [a0 a1]         dMel in: 8 frames at 40 Hz, 4 frames a token (with an audio encoder, each also
                                 carries the ``audio_context`` user frames before its own: what the encoder hears)
     model side  [c]             SPEAK or SILENT
@@ -141,11 +143,12 @@ class TurnLayout:
     text_out: int
     audio_tokens: int
     audio_context: int = 0
+    video_thumbnail: bool = False
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> TurnLayout:
         return cls(cfg.frames_per_token, cfg.n_mels, cfg.text_in, cfg.video_slots, cfg.text_out,
-                   cfg.audio_tokens, cfg.audio_context)
+                   cfg.audio_tokens, cfg.audio_context, cfg.video_thumbnail)
 
     @property
     def n_user(self) -> int:
@@ -192,5 +195,9 @@ class TurnLayout:
                                torch.zeros(frames, self.n_mels, dtype=torch.long))
 
     def video_patches(self, index: int, n_patches: int) -> torch.Tensor:
-        """Which patches of its frame micro-turn ``index`` carries: a scan over the frame."""
-        return (index * self.video_slots + torch.arange(self.video_slots)) % n_patches
+        """Which patches of its frame micro-turn ``index`` carries: a scan over the frame; with the thumbnail
+        (number ``n_patches``, see :func:`inference.video.patches_at`) first."""
+        if not self.video_thumbnail:
+            return (index * self.video_slots + torch.arange(self.video_slots)) % n_patches
+        scan = self.video_slots - 1
+        return torch.cat([torch.tensor([n_patches]), (index * scan + torch.arange(scan)) % n_patches])

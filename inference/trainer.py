@@ -29,7 +29,10 @@ head (the audio out) on the frozen rest. Since nothing before the flow head chan
 once: every train conversation (and ``val_windows`` validation ones) goes through the trunk and the depth head,
 teacher-forced, and each micro-turn in which the model speaks gives a :class:`FlowPairs` row (conditioning, caption
 context, target mel), kept in the run folder as ``flow_pairs.pt``. A step then samples ``batch`` of those rows, so
-the head sees thousands of spoken micro-turns a second instead of the trunk's hundred or so.
+the head sees thousands of spoken micro-turns a second instead of the trunk's hundred or so. ``stem`` trains the
+patch stem alone to name cards from a frame's thumbnail (:mod:`inference.card_probe`, on cards drawn fresh each
+step; ``batch`` is cards per step), so that a model given a thumbnail (``video_thumbnail``) starts out seeing
+shapes and digits; the probe is kept in ``state.pt`` only, like the listening probe.
 """
 
 from __future__ import annotations
@@ -39,13 +42,16 @@ import json
 import math
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from inference import tokenizer
+from inference.card_probe import CardProbe, draw_cards
 from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
 from inference.conversation import Conversation, answers, conversations, examples
@@ -63,8 +69,12 @@ from inference.train import (
     train_step,
 )
 
-PARTS = ("all", "flow", "encoder")
-"""What a run trains: the whole model, only the flow head, or only the audio encoder (to recognise words)."""
+PARTS = ("all", "flow", "encoder", "stem")
+"""What a run trains: the whole model, only the flow head, only the audio encoder (to recognise words), or only the
+patch stem (to name cards)."""
+
+VALIDATION_CARDS = 512
+"""Cards a ``stem`` run validates on (the same ones every time)."""
 
 
 @dataclass
@@ -90,8 +100,10 @@ class TrainSettings:
     pause_weight: float = 1.0  # how many times a micro-turn of a mid-question pause counts in the decision loss
     answer_weight: float = 1.0  # how many times a micro-turn that says an answer counts in the spoken-caption loss
     answer_windows: float = 0.0  # the share of windows placed around an answer (0: all at random places)
+    answer_kinds: tuple[str, ...] = ()  # place them around the answers to these kinds of question only (): all)
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
+    video_thumbnail: bool = False  # give the model's first video slot the frame's thumbnail (inference.video)
     listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
     listen_at: str = "trunk"  # where the probe listens: trunk | encoder (the audio encoder's features)
     listen_span: int = 1  # micro-turns a word stays in the probe's targets from the one it ends in
@@ -141,10 +153,11 @@ def _split(data: Path, *names: str) -> list[Path]:
     raise FileNotFoundError(f"{data}: no {' or '.join(names)} folder; make a data set with `microturn data synth`")
 
 
-def _answers(files: list[Path]) -> list[tuple[Path, int]]:
-    """Every answer of these conversations: (conversation, the micro-turn its reply starts in)."""
+def _answers(files: list[Path], kinds: Collection[str] = ()) -> list[tuple[Path, int]]:
+    """Every answer of these conversations (to questions of ``kinds``, when given): (conversation, the micro-turn
+    its reply starts in)."""
     return [(path, turn) for path in files
-            for turn, _ in answers(json.loads(path.with_suffix(".json").read_text()))]
+            for turn, _ in answers(json.loads(path.with_suffix(".json").read_text()), kinds)]
 
 
 def _lr(s: TrainSettings, step: int) -> float:
@@ -184,6 +197,8 @@ class Trainer:
         if s.parts == "encoder" and not (s.listen_weight and s.listen_at == "encoder"):
             raise ValueError("--parts encoder trains the audio encoder on the listening probe alone: give "
                              "--listen-weight and --listen-at encoder")
+        if s.listen_weight and s.parts == "stem":
+            raise ValueError("--listen-weight trains the trunk; it cannot go with --parts stem")
         if s.pause_weight <= 0 or (s.pause_weight != 1 and s.decision_weight <= 0):
             raise ValueError(f"--pause-weight weighs micro-turns of the decision loss: give a weight above 0 and a "
                              f"--decision-weight, not {s.pause_weight} with {s.decision_weight}")
@@ -203,12 +218,20 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, flow_text_turns=s.flow_text_turns)
         if s.audio_context is not None:
             self.cfg = dataclasses.replace(self.cfg, audio_context=s.audio_context)
+        if s.video_thumbnail:
+            self.cfg = dataclasses.replace(self.cfg, video_thumbnail=True)
+        if s.parts == "stem" and not self.cfg.video_thumbnail:
+            raise ValueError("--parts stem trains the stem to name cards from a frame's thumbnail: give "
+                             "--video-thumbnail (or --init a checkpoint that has one)")
         self.layout = TurnLayout.of(self.cfg)
         self.train_files = _split(s.data, "train")
         self.val_files = _split(s.data, "validation", "val")
-        self.answers = _answers(self.train_files) if s.answer_windows else []
+        if s.answer_kinds and not s.answer_windows:
+            raise ValueError("--answer-kinds picks which answers --answer-windows are placed around: give both")
+        self.answers = _answers(self.train_files, s.answer_kinds) if s.answer_windows else []
         if s.answer_windows and not self.answers:
-            raise ValueError(f"{s.data}: --answer-windows needs answers, and the train split has no questions")
+            which = f" to {', '.join(s.answer_kinds)} questions" if s.answer_kinds else ""
+            raise ValueError(f"{s.data}: --answer-windows needs answers, and the train split has none{which}")
         torch.manual_seed(s.seed)
         self.net = ReferenceNet(self.cfg).to(s.device)
         if s.init is not None:
@@ -219,10 +242,15 @@ class Trainer:
         if s.parts == "encoder" and self.net.audio is not None:
             self.net.requires_grad_(False)
             self.net.audio.requires_grad_(True)
+        if s.parts == "stem":
+            self.net.requires_grad_(False)
+            self.net.stem.requires_grad_(True)
         self.probe = self._probe() if s.listen_weight else None
+        self.cards = CardProbe(self.cfg.d_model).to(s.device) if s.parts == "stem" else None
         trained = [p for p in self.net.parameters() if p.requires_grad]
-        if self.probe is not None:
-            trained += list(self.probe.parameters())
+        for probe in (self.probe, self.cards):
+            if probe is not None:
+                trained += list(probe.parameters())
         self.optimizer = torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
         self.data_gen = torch.Generator().manual_seed(s.seed)
         self.noise_gen = torch.Generator().manual_seed(s.seed + 1)
@@ -335,14 +363,39 @@ class Trainer:
         assert self.probe is not None and batch.heard is not None
         return self.probe.loss(heard_features(self.net, batch), batch.heard.to(self.s.device))
 
+    def _card_loss(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, float]:
+        """The card probe's loss on ``n`` cards drawn from ``rng``, and the share it names right."""
+        assert self.cards is not None
+        pixels, places, labels = draw_cards(rng, n, self.cfg)
+        features = self.net.stem(pixels.to(self.s.device), places.to(self.s.device))
+        labels = labels.to(self.s.device)
+        return self.cards.loss(features, labels), self.cards.accuracy(features.detach(), labels)
+
+    def _stem_step(self) -> tuple[Losses, int]:
+        """One optimiser step of the patch stem and the card probe, on ``batch`` cards drawn for this step (from
+        the seed and the step, so a resumed run draws the same ones); the trunk and the heads do not run."""
+        assert self.cards is not None
+        self.net.stem.train()
+        loss, _ = self._card_loss(np.random.default_rng([self.s.seed, self.step]), self.s.batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*self.net.stem.parameters(), *self.cards.parameters()], 1.0)
+        self.optimizer.step()
+        zero = torch.zeros(())
+        return Losses(zero, zero, zero, loss.detach(), zero), self.s.batch
+
     def validate(self) -> tuple[float, float]:
         """Mean total loss over fixed windows of the validation split (the same windows every time; the model's
         own losses, without the listening probe's), and the probe's mean loss on them (0 without one); for a flow
         run, the flow loss of its validation pairs (with the same noise every time); for an encoder run, the
-        probe's loss, twice."""
+        probe's loss, twice; for a stem run, the card probe's loss on :data:`VALIDATION_CARDS` fixed cards and the
+        share of them it names right."""
         gen = torch.Generator().manual_seed(12345)
         self.net.eval()
-        if self.pairs:
+        if self.cards is not None:
+            with torch.no_grad():
+                loss, named = self._card_loss(np.random.default_rng([12345, self.s.seed]), VALIDATION_CARDS)
+            return float(loss), named
             with torch.no_grad():
                 return float(self._flow_loss(self.pairs["validation"], gen)), 0.0
         totals, listening = [], []
@@ -374,6 +427,8 @@ class Trainer:
                 losses, turns = self._flow_step()
             elif s.parts == "encoder":
                 losses, turns = self._encoder_step()
+            elif s.parts == "stem":
+                losses, turns = self._stem_step()
             else:
                 batch = self._batch()
                 losses = train_step(self.net, self.optimizer, batch, self.noise_gen, decision_weight=s.decision_weight,
@@ -392,6 +447,8 @@ class Trainer:
                 val, val_listen = self.validate()
                 self.history.val.append((self.step, val))
                 listen_note = f" (listening probe {val_listen:.3f})" if self.probe is not None else ""
+                if self.cards is not None:
+                    listen_note = f" ({val_listen:.1%} of the cards named right)"
                 print(f"\ntrain: step {self.step}: validation loss {val:.3f}{listen_note}", file=sys.stderr)
             if self.step % s.save_every == 0 or self.step == s.steps:
                 self.save()
@@ -412,7 +469,8 @@ class Trainer:
         state = {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
                  "history": asdict(self.history), "settings": {k: str(v) for k, v in asdict(s).items()},
-                 "listen": self.probe.state_dict() if self.probe is not None else None}
+                 "listen": self.probe.state_dict() if self.probe is not None else None,
+                 "cards": self.cards.state_dict() if self.cards is not None else None}
         if self.probe is not None:
             (s.out / "listen_vocab.json").write_text(json.dumps(self.probe.vocab))
         tmp = s.out / "state.pt.tmp"
@@ -424,8 +482,8 @@ class Trainer:
     def _load(self) -> None:
         saved_model = self.s.out / "checkpoint"
         if (saved_model / "config.json").exists() and load_config(saved_model) != self.cfg:
-            raise ValueError(f"{self.s.out}: this run trains another model (another --preset, --init, --audio-context "
-                             "or --flow-text-turns); resume it the way it was started")
+            raise ValueError(f"{self.s.out}: this run trains another model (another --preset, --init, --audio-context, "
+                             "--flow-text-turns or --video-thumbnail); resume it the way it was started")
         state = torch.load(self.s.out / "state.pt", map_location=self.s.device, weights_only=False)
         self.net.load_state_dict(state["net"])
         saved = state.get("listen")
@@ -441,6 +499,11 @@ class Trainer:
                 raise ValueError(f"{self.s.out}: this run's probe hears each word for {span} micro-turns; resume "
                                  "it with that --listen-span")
             self.probe.load_state_dict(saved)
+        cards = state.get("cards")
+        if (cards is None) != (self.cards is None):
+            raise ValueError(f"{self.s.out}: this run was started with another --parts; resume it the same way")
+        if self.cards is not None:
+            self.cards.load_state_dict(cards)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.data_gen.set_state(state["data_gen"])

@@ -121,9 +121,10 @@ def _train(args: argparse.Namespace) -> int:
                              seed=args.seed, device=args.device, threads=args.threads, init=args.init,
                              parts=args.parts, decision_weight=args.decision_weight, pause_weight=args.pause_weight,
                              answer_weight=args.answer_weight, answer_windows=args.answer_windows,
+                             answer_kinds=args.answer_kinds,
                              flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight,
                              audio_context=args.audio_context, listen_at=args.listen_at,
-                             listen_span=args.listen_span)
+                             listen_span=args.listen_span, video_thumbnail=args.video_thumbnail)
     result = Trainer(settings).run()
     print(json.dumps(result))
     return 0
@@ -270,9 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     train.add_argument("--init", type=Path, help="start from this checkpoint's weights instead of a random --preset")
-    train.add_argument("--parts", choices=["all", "flow", "encoder"], default="all",
+    train.add_argument("--parts", choices=["all", "flow", "encoder", "stem"], default="all",
                        help="flow: train only the flow head (audio out), the rest of the model frozen; encoder: "
-                       "train only the audio encoder, on its listening probe (with --listen-at encoder)")
+                       "train only the audio encoder, on its listening probe (with --listen-at encoder); stem: "
+                       "train only the patch stem, to name cards drawn fresh each step from a frame's thumbnail "
+                       "(with --video-thumbnail; --batch is cards per step)")
     train.add_argument("--decision-weight", type=float, default=0.0,
                        help="weight of an extra loss on the SPEAK/SILENT decision, its changes counted more "
                        "(inference.train.CHANGE_WEIGHT times; 0: off)")
@@ -285,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--answer-windows", type=float, default=0.0,
                        help="the share of training windows placed around an answer, drawn from all of the train "
                        "split's answers, with the question before it (0: every window at a random place)")
+    train.add_argument("--answer-kinds", type=lambda v: tuple(k for k in v.split(",") if k), default=(),
+                       help="comma-separated kinds of question (arithmetic, counting, visual, background, ...) whose "
+                       "answers the --answer-windows are placed around (default: all)")
     train.add_argument("--listen-weight", type=float, default=0.0,
                        help="weight of a training-only probe that names the user's words in each micro-turn from "
                        "the trunk's state (inference.listen; 0: off)")
@@ -301,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="frames of the user's audio before each audio-in token that an audio encoder also "
                        "hears (inference.audio_encoder; default: the preset's or --init's, 0: none); with --init, "
                        "a new encoder that starts out changing nothing")
+    train.add_argument("--video-thumbnail", action="store_true",
+                       help="the first video slot of every micro-turn carries the camera frame's thumbnail (the "
+                       "whole frame in one 40x40 patch), the others scan its patches (inference.video); with "
+                       "--init, its stem and trunk learn to use it")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON")

@@ -16,13 +16,14 @@ from inference import tokenizer
 from inference.checkpoint import load_checkpoint
 from inference.config import preset
 from inference.context import TurnRecord, first_link
-from inference.conversation import Conversation, examples
+from inference.conversation import Conversation, answers, examples
 from inference.layout import TurnLayout
 from inference.listen import heard
 from inference.model import ReferenceNet
 from inference.reference import ReferenceModel
 from inference.train import TrainBatch, TurnExample, build_batch, compute_losses, teacher_forced
 from inference.trainer import Trainer, TrainSettings
+from inference.video import THUMBNAIL
 from microturn.contracts import MicroTurn
 
 TURNS = 12
@@ -65,11 +66,12 @@ def write_data_set(folder: Path, train: int) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("audio_context", [0, 12])
-def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path, audio_context: int) -> None:
+@pytest.mark.parametrize(("audio_context", "thumbnail"), [(0, False), (12, False), (0, True)])
+def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path, audio_context: int,
+                                                            thumbnail: bool) -> None:
     path = write_conversation(tmp_path, "c0", 0)
     conv = Conversation.load(path)
-    cfg = dataclasses.replace(preset("tiny"), audio_context=audio_context)
+    cfg = dataclasses.replace(preset("tiny"), audio_context=audio_context, video_thumbnail=thumbnail)
     got = examples(conv, cfg)
     assert len(got) == TURNS
     torch.manual_seed(0)
@@ -89,6 +91,11 @@ def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path, audi
         assert [i for i in text_rows if i != tokenizer.PAD] == record.text_slots, k
         assert torch.equal(example.user.dmel.reshape(-1, cfg.n_mels), record.audio_bins.long()), k
         assert (record.video is not None) == bool(conv.camera[k])
+        if record.video is not None:  # the same patches (and thumbnail) in the same slots
+            with torch.inference_mode():
+                seen = model.net.stem(example.user.patches, example.user.grid).half()
+            torch.testing.assert_close(seen, record.video, atol=2e-3, rtol=0)
+            assert (tuple(example.user.grid[0].tolist()) == THUMBNAIL) == thumbnail
     # what the audio encoder hears before each audio-in token: the engine's live frames, from any window start
     trace = model.sessions["s"].trace
     assert trace is not None
@@ -261,14 +268,22 @@ def test_the_micro_turns_that_say_an_answer_weigh_more_in_the_caption_loss(tmp_p
 def test_answer_windows_place_windows_around_answers(tmp_path: Path) -> None:
     data = write_data_set(tmp_path / "data", 3)  # 12 micro-turns each; the answer starts in micro-turn 7
 
-    def answered(share: float) -> list[bool]:
-        trainer = Trainer(TrainSettings(data=data, out=tmp_path / str(share), steps=1, batch=2, window=6,
-                                        answer_windows=share))
+    def answered(share: float, kinds: tuple[str, ...] = ()) -> list[bool]:
+        trainer = Trainer(TrainSettings(data=data, out=tmp_path / f"{share}{kinds}", steps=1, batch=2, window=6,
+                                        answer_windows=share, answer_kinds=kinds))
         batches = [trainer._batch() for _ in range(8)]
         return [bool(a.any()) for b in batches for a in b.answers.split(b.turns)]
 
     assert all(answered(1.0))
+    assert all(answered(1.0, ("visual", "background")))
     assert not all(answered(0.0))  # a window of 6 at a random place often misses it
+    with pytest.raises(ValueError, match="none to arithmetic questions"):
+        answered(1.0, ("arithmetic",))  # the set's only question is a visual one
+    with pytest.raises(ValueError, match="--answer-kinds"):
+        answered(0.0, ("visual",))
+    meta = {"questions": [{"kind": "visual", "answer": "red", "answer_start": 3200 * 7},
+                          {"kind": "arithmetic", "answer": "four", "answer_start": 3200 * 20}]}
+    assert answers(meta) == [(7, "red"), (20, "four")] and answers(meta, ["arithmetic"]) == [(20, "four")]
     for share in (-0.1, 1.5):
         with pytest.raises(ValueError, match="--answer-windows"):
             Trainer(TrainSettings(data=data, out=tmp_path / "x", steps=1, answer_windows=share))
@@ -308,3 +323,45 @@ def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_p
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="parts"):
         Trainer(TrainSettings(out=tmp_path / "c", parts="trunk", **base))
+
+
+def test_a_stem_run_teaches_the_stem_alone_to_name_cards_and_resumes_to_the_same_state(tmp_path: Path) -> None:
+    data = write_data_set(tmp_path / "data", 1)
+    base: dict[str, Any] = dict(data=data, steps=3, batch=2, window=6, val_every=3, save_every=3, val_windows=1,
+                                warmup=1)
+    Trainer(TrainSettings(out=tmp_path / "a", **base)).run()  # a model without a thumbnail
+    start = load_checkpoint(tmp_path / "a" / "checkpoint").state_dict()
+
+    def stem_run(out: str, steps: int) -> Trainer:
+        return Trainer(TrainSettings(out=tmp_path / out, init=tmp_path / "a" / "checkpoint", parts="stem",
+                                     video_thumbnail=True, **{**base, "steps": steps, "batch": 32, "lr": 3e-3,
+                                                              "warmup": 5, "val_every": steps,
+                                                              "save_every": 2 if steps < 10 else steps}))
+
+    stem = stem_run("b", 120)
+    _, named_before = stem.validate()
+    stem.run()
+    _, named_after = stem.validate()
+    assert named_before < 0.2 and named_after > 0.6, (named_before, named_after)  # 22 names: chance is 0.05
+    shipped = load_checkpoint(tmp_path / "b" / "checkpoint")
+    assert shipped.cfg.video_thumbnail and shipped.state_dict().keys() == start.keys()  # no probe shipped
+    changed = {k for k, v in shipped.state_dict().items() if not torch.equal(v, start[k])}
+    assert changed and all(k.startswith("stem.") for k in changed), changed
+    stem_run("c", 2).run()  # stopped after 2 steps, resumed to 4: the same stem and probe as straight through
+    resumed = stem_run("c", 4)
+    assert resumed.step == 2
+    resumed.run()
+    straight = stem_run("d", 4)
+    straight.run()
+    assert straight.cards is not None and resumed.cards is not None
+    for (name, a), (_, b) in zip([*straight.net.state_dict().items(), *straight.cards.state_dict().items()],
+                                 [*resumed.net.state_dict().items(), *resumed.cards.state_dict().items()],
+                                 strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="--video-thumbnail"):
+        Trainer(TrainSettings(out=tmp_path / "e", parts="stem", **base))
+    with pytest.raises(ValueError, match="listen-weight"):
+        Trainer(TrainSettings(out=tmp_path / "e", parts="stem", video_thumbnail=True, listen_weight=0.5, **base))
+    with pytest.raises(ValueError, match="another --parts"):
+        Trainer(TrainSettings(out=tmp_path / "c", init=tmp_path / "a" / "checkpoint", video_thumbnail=True,
+                              **{**base, "steps": 6}))
