@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from inference import dmel, tokenizer
+from inference.card_probe import CardProbe
 from inference.flow_head import caption_context
 from inference.kv_cache import AttentionPlan
 from inference.layout import Tokens, TurnLayout
@@ -68,6 +69,7 @@ class TrainBatch:
     answers: torch.Tensor  # (M,) bool: the micro-turn's caption says (part of) an answer
     turns: list[int]  # micro-turns per sequence
     heard: torch.Tensor | None = None  # (M, V) the user's words that ended in each micro-turn (inference.listen)
+    cards: torch.Tensor | None = None  # (M,) the card shown in each micro-turn (inference.card_probe), -1: none known
 
     def flow_text(self, turns: int) -> torch.Tensor:
         """(M, turns · text_out): the caption ids the flow head sees at each micro-turn (each sequence from PAD)."""
@@ -107,9 +109,11 @@ class Losses:
     balance: torch.Tensor
     total: torch.Tensor
     listen: torch.Tensor  # the listening probe's loss (0 without one)
+    cards: torch.Tensor  # the card probe's loss (0 without one)
 
     def detach(self) -> Losses:
-        return Losses(*(x.detach() for x in (self.text, self.flow, self.balance, self.total, self.listen)))
+        return Losses(*(x.detach() for x in (self.text, self.flow, self.balance, self.total, self.listen,
+                                             self.cards)))
 
 
 CHANGE_WEIGHT = 4.0
@@ -138,13 +142,14 @@ def teacher_forced(net: ReferenceNet, batch: TrainBatch) -> Forced:
 
 def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Generator,
                    balance_weight: float = 0.01, decision_weight: float = 0.0, pause_weight: float = 1.0,
-                   probe: ListenProbe | None = None, listen_weight: float = 1.0, answer_weight: float = 1.0
-                   ) -> tuple[Losses, torch.Tensor]:
+                   probe: ListenProbe | None = None, listen_weight: float = 1.0, answer_weight: float = 1.0,
+                   cards: CardProbe | None = None, card_weight: float = 1.0) -> tuple[Losses, torch.Tensor]:
     """The losses (the decision loss is part of ``text``; in it a micro-turn of a mid-question pause counts
     ``pause_weight`` times; in the mean over the spoken captions a micro-turn that says an answer counts
     ``answer_weight`` times), and the per-layer expert load (L, E) of this batch.
     The listening loss counts when ``probe`` is given and the batch has ``heard`` targets (the probe's presence is
-    the switch; ``listen_weight`` only weighs it)."""
+    the switch; ``listen_weight`` only weighs it); so does the card probe's, with ``cards``, on the micro-turns whose
+    card is known."""
     cfg, device = net.cfg, net.text_head.weight.device
     forced = teacher_forced(net, batch)
     logits, cond, routings = forced.logits, forced.cond, forced.routings
@@ -166,8 +171,12 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
     listen = torch.zeros((), device=device)
     if probe is not None and batch.heard is not None:
         listen = probe.loss(forced.state if probe.at == "trunk" else heard_features(net, batch), batch.heard.to(device))
-    total = text + flow + balance_weight * balance + listen_weight * listen
-    return Losses(text, flow, balance, total, listen), torch.stack([r.load for r in routings])
+    seen = torch.zeros((), device=device)
+    if cards is not None and batch.cards is not None and bool((batch.cards >= 0).any()):
+        known = batch.cards.to(device) >= 0
+        seen = cards.loss(forced.state[known], batch.cards.to(device)[known])
+    total = text + flow + balance_weight * balance + listen_weight * listen + card_weight * seen
+    return Losses(text, flow, balance, total, listen, seen), torch.stack([r.load for r in routings])
 
 
 def heard_features(net: ReferenceNet, batch: TrainBatch) -> torch.Tensor:
@@ -199,15 +208,17 @@ BIAS_RATE = 1e-3
 def train_step(net: ReferenceNet, optimizer: torch.optim.Optimizer, batch: TrainBatch,
                generator: torch.Generator, bias_rate: float = BIAS_RATE, decision_weight: float = 0.0,
                pause_weight: float = 1.0, probe: ListenProbe | None = None, listen_weight: float = 1.0,
-               answer_weight: float = 1.0) -> Losses:
-    """One optimiser step (of ``net``, and of ``probe`` when given: its parameters must be in ``optimizer``);
-    returns the (detached) losses."""
+               answer_weight: float = 1.0, cards: CardProbe | None = None, card_weight: float = 1.0) -> Losses:
+    """One optimiser step (of ``net``, and of ``probe`` and ``cards`` when given: their parameters must be in
+    ``optimizer``); returns the (detached) losses."""
     net.train()
     losses, load = compute_losses(net, batch, generator, decision_weight=decision_weight, pause_weight=pause_weight,
-                                  probe=probe, listen_weight=listen_weight, answer_weight=answer_weight)
+                                  probe=probe, listen_weight=listen_weight, answer_weight=answer_weight, cards=cards,
+                                  card_weight=card_weight)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
-    torch.nn.utils.clip_grad_norm_([*net.parameters(), *(probe.parameters() if probe is not None else ())], 1.0)
+    probes = [p for head in (probe, cards) if head is not None for p in head.parameters()]
+    torch.nn.utils.clip_grad_norm_([*net.parameters(), *probes], 1.0)
     optimizer.step()
     for block, layer_load in zip(net.blocks, load, strict=True):
         assert isinstance(block, Block)

@@ -22,7 +22,9 @@ states (or, with ``listen_at = "encoder"``, on the audio encoder's features), wi
 for ``listen_span`` micro-turns; its vocabulary is the train split's words, kept in the run folder as
 ``listen_vocab.json``, and its weights are kept in ``state.pt`` only (the served checkpoint is the model alone).
 The training loss it logs and plots then includes the probe's weighted loss (logged on its own too); validation
-leaves it out, so validation losses compare across runs with and without the probe.
+leaves it out, so validation losses compare across runs with and without the probe. ``card_weight`` > 0 does the
+same with the card probe (:mod:`inference.card_probe`) on the trunk's state: it names the card shown in each
+micro-turn that a visual question asks about.
 
 A run may start from a trained checkpoint (``init``) and train only some of it (``parts``): ``flow`` trains the flow
 head (the audio out) on the frozen rest. Since nothing before the flow head changes, what conditions it is computed
@@ -51,7 +53,7 @@ import numpy as np
 import torch
 
 from inference import tokenizer
-from inference.card_probe import CardProbe, draw_cards
+from inference.card_probe import CardProbe, draw_cards, shown
 from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
 from inference.conversation import Conversation, answers, conversations, examples
@@ -104,6 +106,7 @@ class TrainSettings:
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     video_thumbnail: bool = False  # give the model's first video slot the frame's thumbnail (inference.video)
+    card_weight: float = 0.0  # weight of the card probe on the trunk's state (see inference.card_probe); 0: none
     listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
     listen_at: str = "trunk"  # where the probe listens: trunk | encoder (the audio encoder's features)
     listen_span: int = 1  # micro-turns a word stays in the probe's targets from the one it ends in
@@ -199,6 +202,9 @@ class Trainer:
                              "--listen-weight and --listen-at encoder")
         if s.listen_weight and s.parts == "stem":
             raise ValueError("--listen-weight trains the trunk; it cannot go with --parts stem")
+        if s.card_weight < 0 or (s.card_weight and s.parts != "all"):
+            raise ValueError(f"--card-weight weighs a probe on the trunk's state: give a weight of 0 or more, with "
+                             f"--parts all, not {s.card_weight} with --parts {s.parts}")
         if s.pause_weight <= 0 or (s.pause_weight != 1 and s.decision_weight <= 0):
             raise ValueError(f"--pause-weight weighs micro-turns of the decision loss: give a weight above 0 and a "
                              f"--decision-weight, not {s.pause_weight} with {s.decision_weight}")
@@ -246,9 +252,10 @@ class Trainer:
             self.net.requires_grad_(False)
             self.net.stem.requires_grad_(True)
         self.probe = self._probe() if s.listen_weight else None
-        self.cards = CardProbe(self.cfg.d_model).to(s.device) if s.parts == "stem" else None
+        self.stem_cards = CardProbe(self.cfg.d_model).to(s.device) if s.parts == "stem" else None
+        self.trunk_cards = CardProbe(self.cfg.d_model).to(s.device) if s.card_weight else None
         trained = [p for p in self.net.parameters() if p.requires_grad]
-        for probe in (self.probe, self.cards):
+        for probe in (self.probe, self.stem_cards, self.trunk_cards):
             if probe is not None:
                 trained += list(probe.parameters())
         self.optimizer = torch.optim.AdamW(trained, lr=s.lr, weight_decay=s.weight_decay)
@@ -319,9 +326,14 @@ class Trainer:
         return self._windows(windows)
 
     def _windows(self, windows: list[tuple[Conversation, int, int]]) -> TrainBatch:
-        """A batch of windows (conversation, start, length); with the listening probe, its targets too."""
+        """A batch of windows (conversation, start, length); with the listening or the card probe, their targets
+        too."""
         sequences = [examples(conv, self.cfg, start, length) for conv, start, length in windows]
         batch = build_batch(self.layout, sequences)
+        if self.trunk_cards is not None:
+            batch = dataclasses.replace(batch, cards=torch.cat([
+                shown(conv.meta, conv.camera, start, len(seq))
+                for (conv, start, _), seq in zip(windows, sequences, strict=True)]))
         if self.probe is None:
             return batch
         words = [heard(conv.meta, self.probe.vocab, start, len(seq), self.s.listen_span)
@@ -343,7 +355,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.net.flow.parameters(), 1.0)
         self.optimizer.step()
         zero = torch.zeros(())
-        return Losses(zero, loss.detach(), zero, loss.detach(), zero), self.s.batch
+        return Losses(zero, loss.detach(), zero, loss.detach(), zero, zero), self.s.batch
 
     def _encoder_step(self) -> tuple[Losses, int]:
         """One optimiser step of the audio encoder and the probe listening at it, on ``batch`` windows; the trunk
@@ -357,7 +369,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_([*self.net.audio.parameters(), *self.probe.parameters()], 1.0)
         self.optimizer.step()
         zero = torch.zeros(())
-        return Losses(zero, zero, zero, loss.detach(), loss.detach()), len(batch.rows)
+        return Losses(zero, zero, zero, loss.detach(), loss.detach(), zero), len(batch.rows)
 
     def _encoder_loss(self, batch: TrainBatch) -> torch.Tensor:
         assert self.probe is not None and batch.heard is not None
@@ -365,24 +377,24 @@ class Trainer:
 
     def _card_loss(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, float]:
         """The card probe's loss on ``n`` cards drawn from ``rng``, and the share it names right."""
-        assert self.cards is not None
+        assert self.stem_cards is not None
         pixels, places, labels = draw_cards(rng, n, self.cfg)
         features = self.net.stem(pixels.to(self.s.device), places.to(self.s.device))
         labels = labels.to(self.s.device)
-        return self.cards.loss(features, labels), self.cards.accuracy(features.detach(), labels)
+        return self.stem_cards.loss(features, labels), self.stem_cards.accuracy(features.detach(), labels)
 
     def _stem_step(self) -> tuple[Losses, int]:
         """One optimiser step of the patch stem and the card probe, on ``batch`` cards drawn for this step (from
         the seed and the step, so a resumed run draws the same ones); the trunk and the heads do not run."""
-        assert self.cards is not None
+        assert self.stem_cards is not None
         self.net.stem.train()
         loss, _ = self._card_loss(np.random.default_rng([self.s.seed, self.step]), self.s.batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*self.net.stem.parameters(), *self.cards.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_([*self.net.stem.parameters(), *self.stem_cards.parameters()], 1.0)
         self.optimizer.step()
         zero = torch.zeros(())
-        return Losses(zero, zero, zero, loss.detach(), zero), self.s.batch
+        return Losses(zero, zero, zero, loss.detach(), zero, zero), self.s.batch
 
     def validate(self) -> tuple[float, float]:
         """Mean total loss over fixed windows of the validation split (the same windows every time; the model's
@@ -392,7 +404,7 @@ class Trainer:
         share of them it names right."""
         gen = torch.Generator().manual_seed(12345)
         self.net.eval()
-        if self.cards is not None:
+        if self.stem_cards is not None:
             with torch.no_grad():
                 loss, named = self._card_loss(np.random.default_rng([12345, self.s.seed]), VALIDATION_CARDS)
             return float(loss), named
@@ -433,13 +445,15 @@ class Trainer:
                 batch = self._batch()
                 losses = train_step(self.net, self.optimizer, batch, self.noise_gen, decision_weight=s.decision_weight,
                                     pause_weight=s.pause_weight, probe=self.probe, listen_weight=s.listen_weight,
-                                    answer_weight=s.answer_weight)
+                                    answer_weight=s.answer_weight, cards=self.trunk_cards, card_weight=s.card_weight)
                 turns = len(batch.rows)
             self.step += 1
             turns_seen += turns
             self.history.train.append((self.step, float(losses.total), float(losses.text), float(losses.flow)))
             rate = turns_seen / max(1e-9, time.perf_counter() - began)
             listening = f", listen {float(losses.listen):.3f}" if self.probe is not None else ""
+            if self.trunk_cards is not None:
+                listening += f", cards {float(losses.cards):.3f}"
             print(f"\rtrain: step {self.step}/{s.steps}  loss {float(losses.total):.3f} "
                   f"(text {float(losses.text):.3f}, flow {float(losses.flow):.3f}{listening})  "
                   f"{rate:.0f} micro-turns/s", end="", file=sys.stderr, flush=True)
@@ -447,7 +461,7 @@ class Trainer:
                 val, val_listen = self.validate()
                 self.history.val.append((self.step, val))
                 listen_note = f" (listening probe {val_listen:.3f})" if self.probe is not None else ""
-                if self.cards is not None:
+                if self.stem_cards is not None:
                     listen_note = f" ({val_listen:.1%} of the cards named right)"
                 print(f"\ntrain: step {self.step}: validation loss {val:.3f}{listen_note}", file=sys.stderr)
             if self.step % s.save_every == 0 or self.step == s.steps:
@@ -455,6 +469,7 @@ class Trainer:
             with (s.out / "log.jsonl").open("a") as f:
                 f.write(json.dumps({"step": self.step, "loss": float(losses.total), "text": float(losses.text),
                                     "flow": float(losses.flow), "listen": float(losses.listen),
+                                    "cards": float(losses.cards),
                                     "lr": _lr(s, self.step - 1)}) + "\n")
         print(file=sys.stderr)
         elapsed = time.perf_counter() - began
@@ -470,7 +485,8 @@ class Trainer:
                  "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
                  "history": asdict(self.history), "settings": {k: str(v) for k, v in asdict(s).items()},
                  "listen": self.probe.state_dict() if self.probe is not None else None,
-                 "cards": self.cards.state_dict() if self.cards is not None else None}
+                 "stem_cards": self.stem_cards.state_dict() if self.stem_cards is not None else None,
+                 "trunk_cards": self.trunk_cards.state_dict() if self.trunk_cards is not None else None}
         if self.probe is not None:
             (s.out / "listen_vocab.json").write_text(json.dumps(self.probe.vocab))
         tmp = s.out / "state.pt.tmp"
@@ -499,11 +515,13 @@ class Trainer:
                 raise ValueError(f"{self.s.out}: this run's probe hears each word for {span} micro-turns; resume "
                                  "it with that --listen-span")
             self.probe.load_state_dict(saved)
-        cards = state.get("cards")
-        if (cards is None) != (self.cards is None):
-            raise ValueError(f"{self.s.out}: this run was started with another --parts; resume it the same way")
-        if self.cards is not None:
-            self.cards.load_state_dict(cards)
+        for name, probe, flag in (("stem_cards", self.stem_cards, "--parts"),
+                                  ("trunk_cards", self.trunk_cards, "--card-weight")):
+            saved_probe = state.get(name)
+            if (saved_probe is None) != (probe is None):
+                raise ValueError(f"{self.s.out}: this run was started with another {flag}; resume it the same way")
+            if probe is not None:
+                probe.load_state_dict(saved_probe)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.data_gen.set_state(state["data_gen"])

@@ -124,7 +124,8 @@ def _train(args: argparse.Namespace) -> int:
                              answer_kinds=args.answer_kinds,
                              flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight,
                              audio_context=args.audio_context, listen_at=args.listen_at,
-                             listen_span=args.listen_span, video_thumbnail=args.video_thumbnail)
+                             listen_span=args.listen_span, video_thumbnail=args.video_thumbnail,
+                             card_weight=args.card_weight)
     result = Trainer(settings).run()
     print(json.dumps(result))
     return 0
@@ -307,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="frames of the user's audio before each audio-in token that an audio encoder also "
                        "hears (inference.audio_encoder; default: the preset's or --init's, 0: none); with --init, "
                        "a new encoder that starts out changing nothing")
+    train.add_argument("--card-weight", type=float, default=0.0,
+                       help="weight of a training-only probe that names, from the trunk's state, the card the camera "
+                       "shows in each micro-turn a visual question asks about (inference.card_probe; 0: off)")
     train.add_argument("--video-thumbnail", action="store_true",
                        help="the first video slot of every micro-turn carries the camera frame's thumbnail (the "
                        "whole frame in one 40x40 patch), the others scan its patches (inference.video); with "

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from inference import tokenizer
+from inference.card_probe import NAMES, shown
 from inference.checkpoint import load_checkpoint
 from inference.config import preset
 from inference.context import TurnRecord, first_link
@@ -365,3 +366,43 @@ def test_a_stem_run_teaches_the_stem_alone_to_name_cards_and_resumes_to_the_same
     with pytest.raises(ValueError, match="another --parts"):
         Trainer(TrainSettings(out=tmp_path / "c", init=tmp_path / "a" / "checkpoint", video_thumbnail=True,
                               **{**base, "steps": 6}))
+
+
+def test_the_card_probe_learns_from_the_micro_turns_a_questioned_card_shows_and_resumes_with_the_run(
+        tmp_path: Path) -> None:
+    data = write_data_set(tmp_path / "data", 2)  # the camera shows a card in micro-turns 0–5, asked "what colour"
+    conv = Conversation.load(data / "train" / "t0.npz")
+    red = NAMES.index("red")
+    assert shown(conv.meta, conv.camera, 0, TURNS).tolist() == [red] * 6 + [-1] * 6
+    assert shown(conv.meta, conv.camera, 4, 5).tolist() == [red, red, -1, -1, -1]
+    assert shown({"questions": []}, conv.camera, 0, 4).tolist() == [-1] * 4  # a card nobody asks about: unknown
+
+    def settings(out: str, steps: int, card_weight: float = 0.5) -> TrainSettings:
+        return TrainSettings(data=data, out=tmp_path / out, steps=steps, batch=2, window=6, val_every=2,
+                             save_every=2, val_windows=1, warmup=2, seed=3, card_weight=card_weight)
+
+    straight = Trainer(settings("a", 4))
+    batch = straight._windows([(conv, 3, 6)])
+    assert batch.cards is not None and batch.cards.tolist() == [red] * 3 + [-1] * 3
+    with torch.no_grad():  # the card loss: the probe on the trunk's state of the labelled micro-turns only
+        losses, _ = compute_losses(straight.net, batch, torch.Generator().manual_seed(0), cards=straight.trunk_cards)
+        state = teacher_forced(straight.net, batch).state
+        assert straight.trunk_cards is not None
+        expected = straight.trunk_cards.loss(state[:3], batch.cards[:3])
+    torch.testing.assert_close(losses.cards, expected)
+    straight.run()
+    assert straight.trunk_cards is not None and straight.trunk_cards.head.weight.grad is not None
+    Trainer(settings("b", 2)).run()
+    resumed = Trainer(settings("b", 4))
+    resumed.run()
+    assert resumed.trunk_cards is not None
+    for (name, a), (_, b) in zip([*straight.net.state_dict().items(), *straight.trunk_cards.state_dict().items()],
+                                 [*resumed.net.state_dict().items(), *resumed.trunk_cards.state_dict().items()],
+                                 strict=True):
+        assert torch.equal(a, b), name
+    shipped = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
+    assert shipped.keys() == ReferenceNet(straight.cfg).state_dict().keys()  # no probe in the checkpoint
+    with pytest.raises(ValueError, match="another --card-weight"):
+        Trainer(settings("b", 6, card_weight=0.0))
+    with pytest.raises(ValueError, match="--card-weight"):
+        Trainer(TrainSettings(data=data, out=tmp_path / "c", parts="flow", card_weight=0.5))
