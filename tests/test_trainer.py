@@ -354,9 +354,9 @@ def test_a_stem_run_teaches_the_stem_alone_to_name_cards_and_resumes_to_the_same
     resumed.run()
     straight = stem_run("d", 4)
     straight.run()
-    assert straight.cards is not None and resumed.cards is not None
-    for (name, a), (_, b) in zip([*straight.net.state_dict().items(), *straight.cards.state_dict().items()],
-                                 [*resumed.net.state_dict().items(), *resumed.cards.state_dict().items()],
+    assert straight.stem_cards is not None and resumed.stem_cards is not None
+    for (name, a), (_, b) in zip([*straight.net.state_dict().items(), *straight.stem_cards.state_dict().items()],
+                                 [*resumed.net.state_dict().items(), *resumed.stem_cards.state_dict().items()],
                                  strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="--video-thumbnail"):
