@@ -102,7 +102,7 @@ class TrainSettings:
     pause_weight: float = 1.0  # how many times a micro-turn of a mid-question pause counts in the decision loss
     answer_weight: float = 1.0  # how many times a micro-turn that says an answer counts in the spoken-caption loss
     answer_windows: float = 0.0  # the share of windows placed around an answer (0: all at random places)
-    answer_kinds: tuple[str, ...] = ()  # place them around the answers to these kinds of question only (): all)
+    answer_kinds: tuple[str, ...] = ()  # place them around the answers to these kinds of question only (empty: all)
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     video_thumbnail: bool = False  # give the model's first video slot the frame's thumbnail (inference.video)
