@@ -408,6 +408,7 @@ class Trainer:
             with torch.no_grad():
                 loss, named = self._card_loss(np.random.default_rng([12345, self.s.seed]), VALIDATION_CARDS)
             return float(loss), named
+        if self.pairs:
             with torch.no_grad():
                 return float(self._flow_loss(self.pairs["validation"], gen)), 0.0
         totals, listening = [], []

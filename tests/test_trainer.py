@@ -310,6 +310,10 @@ def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_p
     said = pairs.text[:4, -flow.cfg.text_out:].flatten().tolist()  # this micro-turn's captions, in order
     assert bytes(i for i in said if i != tokenizer.PAD) == b"it is red"
     flow.run()
+    same_noise = torch.Generator().manual_seed(12345)
+    with torch.no_grad():  # a flow run validates on its validation pairs alone
+        expected = float(flow._flow_loss(flow.pairs["validation"], same_noise))
+    assert flow.validate() == (pytest.approx(expected), 0.0)
     after = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
     assert load_checkpoint(tmp_path / "b" / "checkpoint").cfg.flow_text_turns == 2
     changed = {k for k, v in after.items() if k not in start or not torch.equal(v, start[k])}
