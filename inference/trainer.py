@@ -375,20 +375,17 @@ class Trainer:
         assert self.probe is not None and batch.heard is not None
         return self.probe.loss(heard_features(self.net, batch), batch.heard.to(self.s.device))
 
-    def _card_loss(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, float]:
-        """The card probe's loss on ``n`` cards drawn from ``rng``, and the share it names right."""
-        assert self.stem_cards is not None
+    def _cards(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` cards drawn from ``rng``: the stem's tokens for their thumbnails (n, d_model) and their names (n,)."""
         pixels, places, labels = draw_cards(rng, n, self.cfg)
-        features = self.net.stem(pixels.to(self.s.device), places.to(self.s.device))
-        labels = labels.to(self.s.device)
-        return self.stem_cards.loss(features, labels), self.stem_cards.accuracy(features.detach(), labels)
+        return self.net.stem(pixels.to(self.s.device), places.to(self.s.device)), labels.to(self.s.device)
 
     def _stem_step(self) -> tuple[Losses, int]:
         """One optimiser step of the patch stem and the card probe, on ``batch`` cards drawn for this step (from
         the seed and the step, so a resumed run draws the same ones); the trunk and the heads do not run."""
         assert self.stem_cards is not None
         self.net.stem.train()
-        loss, _ = self._card_loss(np.random.default_rng([self.s.seed, self.step]), self.s.batch)
+        loss = self.stem_cards.loss(*self._cards(np.random.default_rng([self.s.seed, self.step]), self.s.batch))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*self.net.stem.parameters(), *self.stem_cards.parameters()], 1.0)
@@ -406,8 +403,8 @@ class Trainer:
         self.net.eval()
         if self.stem_cards is not None:
             with torch.no_grad():
-                loss, named = self._card_loss(np.random.default_rng([12345, self.s.seed]), VALIDATION_CARDS)
-            return float(loss), named
+                features, labels = self._cards(np.random.default_rng([12345, self.s.seed]), VALIDATION_CARDS)
+                return float(self.stem_cards.loss(features, labels)), self.stem_cards.accuracy(features, labels)
         if self.pairs:
             with torch.no_grad():
                 return float(self._flow_loss(self.pairs["validation"], gen)), 0.0
