@@ -32,7 +32,7 @@ from inference.layout import Tokens, TurnLayout
 from inference.reference import MAX_TEXT_BACKLOG
 from inference.train import TurnExample
 from inference.video import fit_frame, patches_at
-from microturn.contracts import MICRO_TURN_SAMPLES, PATCH
+from microturn.contracts import MICRO_TURN_SAMPLES
 
 
 @dataclass
@@ -114,8 +114,7 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
         video = None
         if conv.camera[k]:
             frame = fit_frame(conv.video[k], cfg.video_height, cfg.video_width)
-            n_patches = (cfg.video_height // PATCH) * (cfg.video_width // PATCH)
-            pixels, places = patches_at(frame, layout.video_patches(k, n_patches).tolist())
+            pixels, places = patches_at(frame, layout.video_patches(k, cfg.patches).tolist())
             video = Tokens.of_patches(pixels, places, cfg.frames_per_token, cfg.n_mels)
         mel = said[k - start] if speaks else torch.full_like(said[k - start], dmel.LOG_MIN)
         out.append(TurnExample(layout.user_side(slots, video, heard[k - start], before),
