@@ -67,6 +67,13 @@ def write_data_set(folder: Path, train: int) -> Path:
     return folder
 
 
+def assert_same_weights(a: list[torch.nn.Module], b: list[torch.nn.Module]) -> None:
+    """Every tensor of modules ``a`` (a model and its probes) equals the one of ``b`` in the same place."""
+    for (name, x), (_, y) in zip([kv for m in a for kv in m.state_dict().items()],
+                                 [kv for m in b for kv in m.state_dict().items()], strict=True):
+        assert torch.equal(x, y), name
+
+
 @pytest.mark.parametrize(("audio_context", "thumbnail"), [(0, False), (12, False), (0, True)])
 def test_examples_lay_out_a_conversation_as_the_engine_does(tmp_path: Path, audio_context: int,
                                                             thumbnail: bool) -> None:
@@ -130,8 +137,7 @@ def test_training_resumes_to_the_same_state(tmp_path: Path) -> None:
     assert resumed.step == 2
     result = resumed.run()
     assert result["steps"] == 4 and result["steps_this_run"] == 2
-    for (name, a), (_, b) in zip(straight.net.state_dict().items(), resumed.net.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights([straight.net], [resumed.net])
     assert straight.history.train == resumed.history.train
     assert (tmp_path / "b" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "b" / "checkpoint" / "config.json").exists()
@@ -160,10 +166,7 @@ def test_a_listening_run_resumes_with_its_probe_and_ships_the_model_alone(tmp_pa
     resumed = Trainer(settings("b", 4))
     resumed.run()
     assert resumed.probe is not None
-    for (name, a), (_, b) in zip([*straight.net.state_dict().items(), *straight.probe.state_dict().items()],
-                                 [*resumed.net.state_dict().items(), *resumed.probe.state_dict().items()],
-                                 strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights([straight.net, straight.probe], [resumed.net, resumed.probe])
     shipped = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
     assert shipped.keys() == ReferenceNet(straight.cfg).state_dict().keys()  # no probe in the checkpoint
     with pytest.raises(ValueError, match="started with --listen-weight"):
@@ -324,8 +327,7 @@ def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_p
     resumed = flow_run("c", 3)
     assert resumed.step == 2
     resumed.run()
-    for (name, a), (_, b) in zip(flow.net.state_dict().items(), resumed.net.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights([flow.net], [resumed.net])
     with pytest.raises(ValueError, match="parts"):
         Trainer(TrainSettings(out=tmp_path / "c", parts="trunk", **base))
 
@@ -359,10 +361,7 @@ def test_a_stem_run_teaches_the_stem_alone_to_name_cards_and_resumes_to_the_same
     straight = stem_run("d", 4)
     straight.run()
     assert straight.stem_cards is not None and resumed.stem_cards is not None
-    for (name, a), (_, b) in zip([*straight.net.state_dict().items(), *straight.stem_cards.state_dict().items()],
-                                 [*resumed.net.state_dict().items(), *resumed.stem_cards.state_dict().items()],
-                                 strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights([straight.net, straight.stem_cards], [resumed.net, resumed.stem_cards])
     with pytest.raises(ValueError, match="--video-thumbnail"):
         Trainer(TrainSettings(out=tmp_path / "e", parts="stem", **base))
     with pytest.raises(ValueError, match="listen-weight"):
@@ -400,10 +399,7 @@ def test_the_card_probe_learns_from_the_micro_turns_a_questioned_card_shows_and_
     resumed = Trainer(settings("b", 4))
     resumed.run()
     assert resumed.trunk_cards is not None
-    for (name, a), (_, b) in zip([*straight.net.state_dict().items(), *straight.trunk_cards.state_dict().items()],
-                                 [*resumed.net.state_dict().items(), *resumed.trunk_cards.state_dict().items()],
-                                 strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights([straight.net, straight.trunk_cards], [resumed.net, resumed.trunk_cards])
     shipped = load_checkpoint(tmp_path / "b" / "checkpoint").state_dict()
     assert shipped.keys() == ReferenceNet(straight.cfg).state_dict().keys()  # no probe in the checkpoint
     with pytest.raises(ValueError, match="another --card-weight"):
