@@ -427,7 +427,8 @@ class Trainer:
         s = self.s
         s.out.mkdir(parents=True, exist_ok=True)
         began, first = time.perf_counter(), self.step
-        turns_seen = 0
+        turns_seen = 0  # micro-turns trained on; cards for a stem run
+        unit = "cards" if s.parts == "stem" else "micro-turns"
         if self.step:
             print(f"train: resuming {s.out} at step {self.step}", file=sys.stderr)
         while self.step < s.steps:
@@ -454,7 +455,7 @@ class Trainer:
                 listening += f", cards {float(losses.cards):.3f}"
             print(f"\rtrain: step {self.step}/{s.steps}  loss {float(losses.total):.3f} "
                   f"(text {float(losses.text):.3f}, flow {float(losses.flow):.3f}{listening})  "
-                  f"{rate:.0f} micro-turns/s", end="", file=sys.stderr, flush=True)
+                  f"{rate:.0f} {unit}/s", end="", file=sys.stderr, flush=True)
             if self.step % s.val_every == 0 or self.step == s.steps:
                 val, val_listen = self.validate()
                 self.history.val.append((self.step, val))
@@ -472,7 +473,7 @@ class Trainer:
         print(file=sys.stderr)
         elapsed = time.perf_counter() - began
         return {"steps": self.step, "steps_this_run": self.step - first, "seconds": round(elapsed, 1),
-                "micro_turns_per_s": round(turns_seen / max(1e-9, elapsed), 1),
+                f"{unit.replace('-', '_')}_per_s": round(turns_seen / max(1e-9, elapsed), 1),
                 "final_loss": self.history.train[-1][1] if self.history.train else None,
                 "validation_loss": self.history.val[-1][1] if self.history.val else None,
                 "checkpoint": str(s.out / "checkpoint")}

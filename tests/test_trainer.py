@@ -136,7 +136,7 @@ def test_training_resumes_to_the_same_state(tmp_path: Path) -> None:
     resumed = Trainer(settings(tmp_path / "b", 4))
     assert resumed.step == 2
     result = resumed.run()
-    assert result["steps"] == 4 and result["steps_this_run"] == 2
+    assert result["steps"] == 4 and result["steps_this_run"] == 2 and result["micro_turns_per_s"] > 0
     assert_same_weights([straight.net], [resumed.net])
     assert straight.history.train == resumed.history.train
     assert (tmp_path / "b" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -347,7 +347,8 @@ def test_a_stem_run_teaches_the_stem_alone_to_name_cards_and_resumes_to_the_same
 
     stem = stem_run("b", 120)
     _, named_before = stem.validate()
-    stem.run()
+    result = stem.run()
+    assert "cards_per_s" in result and "micro_turns_per_s" not in result  # a stem run trains on cards
     _, named_after = stem.validate()
     assert named_before < 0.2 and named_after > 0.6, (named_before, named_after)  # 22 names: chance is 0.05
     shipped = load_checkpoint(tmp_path / "b" / "checkpoint")
