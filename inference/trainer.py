@@ -428,7 +428,7 @@ class Trainer:
         s.out.mkdir(parents=True, exist_ok=True)
         began, first = time.perf_counter(), self.step
         turns_seen = 0  # micro-turns trained on; cards for a stem run
-        unit = "cards" if s.parts == "stem" else "micro-turns"
+        unit, rate_key = ("cards", "cards_per_s") if s.parts == "stem" else ("micro-turns", "micro_turns_per_s")
         if self.step:
             print(f"train: resuming {s.out} at step {self.step}", file=sys.stderr)
         while self.step < s.steps:
@@ -473,7 +473,7 @@ class Trainer:
         print(file=sys.stderr)
         elapsed = time.perf_counter() - began
         return {"steps": self.step, "steps_this_run": self.step - first, "seconds": round(elapsed, 1),
-                f"{unit.replace('-', '_')}_per_s": round(turns_seen / max(1e-9, elapsed), 1),
+                rate_key: round(turns_seen / max(1e-9, elapsed), 1),
                 "final_loss": self.history.train[-1][1] if self.history.train else None,
                 "validation_loss": self.history.val[-1][1] if self.history.val else None,
                 "checkpoint": str(s.out / "checkpoint")}
