@@ -105,7 +105,7 @@ class TrainSettings:
     answer_kinds: tuple[str, ...] = ()  # place them around the answers to these kinds of question only (empty: all)
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
-    video_thumbnail: bool = False  # give the model's first video slot the frame's thumbnail (inference.video)
+    video_thumbnail: bool | None = None  # the first video slot: the frame's thumbnail (inference.video); None: as cfg
     card_weight: float = 0.0  # weight of the card probe on the trunk's state (see inference.card_probe); 0: none
     listen_weight: float = 0.0  # weight of the listening probe's loss (see inference.listen); 0: no probe
     listen_at: str = "trunk"  # where the probe listens: trunk | encoder (the audio encoder's features)
@@ -224,8 +224,8 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, flow_text_turns=s.flow_text_turns)
         if s.audio_context is not None:
             self.cfg = dataclasses.replace(self.cfg, audio_context=s.audio_context)
-        if s.video_thumbnail:
-            self.cfg = dataclasses.replace(self.cfg, video_thumbnail=True)
+        if s.video_thumbnail is not None:
+            self.cfg = dataclasses.replace(self.cfg, video_thumbnail=s.video_thumbnail)
         if s.parts == "stem" and not self.cfg.video_thumbnail:
             raise ValueError("--parts stem trains the stem to name cards from a frame's thumbnail: give "
                              "--video-thumbnail (or --init a checkpoint that has one)")

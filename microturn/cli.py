@@ -311,10 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--card-weight", type=float, default=0.0,
                        help="weight of a training-only probe that names, from the trunk's state, the card the camera "
                        "shows in each micro-turn a visual question asks about (inference.card_probe; 0: off)")
-    train.add_argument("--video-thumbnail", action="store_true",
+    train.add_argument("--video-thumbnail", action=argparse.BooleanOptionalAction, default=None,
                        help="the first video slot of every micro-turn carries the camera frame's thumbnail (the "
                        "whole frame in one 40x40 patch), the others scan its patches (inference.video); with "
-                       "--init, its stem and trunk learn to use it")
+                       "--init, its stem and trunk learn to use it (default: as the preset, which has it, or the "
+                       "--init checkpoint has it)")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON")

@@ -25,6 +25,7 @@ from inference.reference import ReferenceModel
 from inference.train import TrainBatch, TurnExample, build_batch, compute_losses, teacher_forced
 from inference.trainer import Trainer, TrainSettings
 from inference.video import THUMBNAIL
+from microturn.cli import build_parser
 from microturn.contracts import MicroTurn
 
 TURNS = 12
@@ -336,7 +337,7 @@ def test_a_stem_run_teaches_the_stem_alone_to_name_cards_and_resumes_to_the_same
     data = write_data_set(tmp_path / "data", 1)
     base: dict[str, Any] = dict(data=data, steps=3, batch=2, window=6, val_every=3, save_every=3, val_windows=1,
                                 warmup=1)
-    Trainer(TrainSettings(out=tmp_path / "a", **base)).run()  # a model without a thumbnail
+    Trainer(TrainSettings(out=tmp_path / "a", video_thumbnail=False, **base)).run()  # a model without a thumbnail
     start = load_checkpoint(tmp_path / "a" / "checkpoint").state_dict()
 
     def stem_run(out: str, steps: int) -> Trainer:
@@ -364,7 +365,10 @@ def test_a_stem_run_teaches_the_stem_alone_to_name_cards_and_resumes_to_the_same
     assert straight.stem_cards is not None and resumed.stem_cards is not None
     assert_same_weights([straight.net, straight.stem_cards], [resumed.net, resumed.stem_cards])
     with pytest.raises(ValueError, match="--video-thumbnail"):
-        Trainer(TrainSettings(out=tmp_path / "e", parts="stem", **base))
+        Trainer(TrainSettings(out=tmp_path / "e", parts="stem", video_thumbnail=False, **base))
+    parse = build_parser().parse_args
+    assert [parse(["train", "--data", "d", *flag]).video_thumbnail
+            for flag in ([], ["--video-thumbnail"], ["--no-video-thumbnail"])] == [None, True, False]
     with pytest.raises(ValueError, match="listen-weight"):
         Trainer(TrainSettings(out=tmp_path / "e", parts="stem", video_thumbnail=True, listen_weight=0.5, **base))
     with pytest.raises(ValueError, match="another --parts"):
