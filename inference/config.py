@@ -125,7 +125,7 @@ def _gpu(**shape: Any) -> ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(audio_context=28),
+    "tiny": ModelConfig(audio_context=28, video_thumbnail=True),
     "small": _gpu(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, n_experts=16, d_expert=512, d_shared=512,
                   window=2048, n_sink=32, flow_dim=512),
     "base": _gpu(d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4, n_experts=32, d_expert=704,

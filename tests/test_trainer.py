@@ -366,6 +366,7 @@ def test_a_stem_run_teaches_the_stem_alone_to_name_cards_and_resumes_to_the_same
     assert_same_weights([straight.net, straight.stem_cards], [resumed.net, resumed.stem_cards])
     with pytest.raises(ValueError, match="--video-thumbnail"):
         Trainer(TrainSettings(out=tmp_path / "e", parts="stem", video_thumbnail=False, **base))
+    assert Trainer(TrainSettings(out=tmp_path / "f", **base)).cfg.video_thumbnail  # the tiny preset has one
     parse = build_parser().parse_args
     assert [parse(["train", "--data", "d", *flag]).video_thumbnail
             for flag in ([], ["--video-thumbnail"], ["--no-video-thumbnail"])] == [None, True, False]
