@@ -314,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--video-thumbnail", action=argparse.BooleanOptionalAction, default=None,
                        help="the first video slot of every micro-turn carries the camera frame's thumbnail (the "
                        "whole frame in one 40x40 patch), the others scan its patches (inference.video); with "
-                       "--init, its stem and trunk learn to use it (default: as the preset, which has it, or the "
-                       "--init checkpoint has it)")
+                       "--init, its stem and trunk learn to use it (default: as the --init checkpoint or the "
+                       "preset has it; tiny has it)")
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON")
