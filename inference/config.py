@@ -57,7 +57,9 @@ class ModelConfig:
     n_sink: int = 16  # first tokens of a session, kept for ever
     max_step_tokens: int = 14  # most tokens one session appends in one forward (one micro-turn: 14 in tiny)
     # sampling and vocoder
-    temperature: float = 1.0
+    temperature: float = 1.0  # of the caption bytes; 0: greedy
+    decision_temperature: float = 1.0  # of the SPEAK/SILENT choice; 0: greedy (speak only when more likely than not)
+    start_threshold: float = 0.0  # a silent model starts to speak only when p(SPEAK) is at least this; 0: no floor
     griffin_lim_iters: int = 4  # momentum Griffin-Lim converges fast; 4 keeps 16+ sessions realtime on CPU
     vocoder_context: int = 2  # mel frames of the previous micro-turn given to the vocoder for continuity
 

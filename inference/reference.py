@@ -187,13 +187,13 @@ class ReferenceModel:
 
         z = self._advance(sessions, runs)  # (B, d): trunk state at each session's last user-side token
         logits = [self.net.text_logits(z)]
-        control = self._sample(logits[-1], gens, allowed=(tokenizer.SPEAK, tokenizer.SILENT))
+        control = self._decide(sessions, logits[-1], gens)
         speaking = [c == tokenizer.SPEAK for c in control]
         z = self.net.depth.step(z, torch.tensor(control, device=self.device), 0)
         caption: list[list[int]] = [[] for _ in turns]
         for j in range(cfg.text_out):
             logits.append(self.net.text_logits(z))
-            sampled = self._sample(logits[-1], gens, allowed=tuple(range(tokenizer.PAD + 1)))
+            sampled = self._sample(logits[-1], gens, tuple(range(tokenizer.PAD + 1)), cfg.temperature)
             chosen = [i if talk else tokenizer.PAD for i, talk in zip(sampled, speaking, strict=True)]
             for ids, i in zip(caption, chosen, strict=True):
                 ids.append(i)
@@ -249,12 +249,24 @@ class ReferenceModel:
         ends = torch.tensor([len(r) for r in runs]).cumsum(0) - 1
         return h[ends]
 
-    def _sample(self, logits: torch.Tensor, gens: list[torch.Generator], allowed: tuple[int, ...]
+    def _decide(self, sessions: list[Session], logits: torch.Tensor, gens: list[torch.Generator]) -> list[int]:
+        """Each session's ``SPEAK``/``SILENT`` token, sampled at ``decision_temperature``; a session that was
+        silent in its last micro-turn starts only when ``p(SPEAK)`` reaches ``start_threshold``."""
+        choice = (tokenizer.SPEAK, tokenizer.SILENT)
+        control = self._sample(logits, gens, choice, self.cfg.decision_temperature)
+        if self.cfg.start_threshold <= 0:
+            return control
+        p_speak = F.softmax(logits[:, torch.tensor(choice, device=logits.device)].float(), dim=-1)[:, 0].cpu()
+        silent = [int(s.pending.text[0]) != tokenizer.SPEAK for s in sessions]
+        return [tokenizer.SILENT if quiet and float(p) < self.cfg.start_threshold else c
+                for c, quiet, p in zip(control, silent, p_speak, strict=True)]
+
+    def _sample(self, logits: torch.Tensor, gens: list[torch.Generator], allowed: tuple[int, ...], temperature: float
                 ) -> list[int]:
         sub = logits[:, torch.tensor(allowed, device=logits.device)].float().cpu()  # (B, len(allowed))
-        if self.cfg.temperature <= 0:
+        if temperature <= 0:
             return [allowed[int(i)] for i in sub.argmax(dim=-1)]
-        cdf = F.softmax(sub / self.cfg.temperature, dim=-1).cumsum(dim=-1)
+        cdf = F.softmax(sub / temperature, dim=-1).cumsum(dim=-1)
         draws = torch.stack([torch.rand((), generator=g) for g in gens])  # one uniform per session
         picked = (cdf < draws[:, None]).sum(dim=-1).clamp_max(len(allowed) - 1)  # inverse CDF
         return [allowed[int(i)] for i in picked]

@@ -34,8 +34,9 @@ class SpanSpeaker(ReferenceModel):
         super().__init__(make_net(small_config()))
         self.script = list(SPAN.encode())
 
-    def _sample(self, logits: torch.Tensor, gens: list[torch.Generator], allowed: tuple[int, ...]) -> list[int]:
-        picked = super()._sample(logits, gens, allowed)
+    def _sample(self, logits: torch.Tensor, gens: list[torch.Generator], allowed: tuple[int, ...], temperature: float
+                ) -> list[int]:
+        picked = super()._sample(logits, gens, allowed, temperature)
         if not self.script:
             return picked
         if allowed == (tokenizer.SPEAK, tokenizer.SILENT):

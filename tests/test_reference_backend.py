@@ -210,3 +210,32 @@ def test_the_models_of_a_multi_process_gateway_share_half_the_cores(monkeypatch:
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
+
+
+def _decisions(cfg_changes: dict[str, float], n: int = 40) -> tuple[list[float], list[bool]]:
+    """p(SPEAK) and whether the model spoke, in each of ``n`` micro-turns of one session."""
+    model = ReferenceModel(make_net(small_config(**cfg_changes)), record=True)
+    model.open("s", seed=3)
+    _outputs(model, "s", 0, 0, n)
+    trace = model.sessions["s"].trace
+    assert trace is not None
+    p = [float(torch.softmax(step[0, [tokenizer.SPEAK, tokenizer.SILENT]], -1)[0]) for step in trace.logits]
+    return p, [int(ids[0]) == tokenizer.SPEAK for ids in trace.sampled]
+
+
+def test_a_greedy_decision_speaks_exactly_when_speaking_is_more_likely() -> None:
+    p, spoke = _decisions({"decision_temperature": 0.0})
+    assert spoke == [x > 0.5 for x in p]
+    p, spoke = _decisions({})
+    assert any(s != (x > 0.5) for x, s in zip(p, spoke, strict=True))  # sampled at temperature 1: not the same
+
+
+def test_a_silent_model_starts_only_above_the_start_threshold() -> None:
+    p, spoke = _decisions({})
+    starts = [x for k, x in enumerate(p) if spoke[k] and (k == 0 or not spoke[k - 1])]
+    threshold = float(np.median(starts)) + 1e-6  # half of the sampled starts fall below it
+    assert min(starts) < threshold
+    p, spoke = _decisions({"start_threshold": threshold})
+    starts = [x for k, x in enumerate(p) if spoke[k] and (k == 0 or not spoke[k - 1])]
+    assert starts and min(starts) >= threshold
+    assert any(not spoke[k] and spoke[k - 1] for k in range(1, len(spoke)))  # and it still stops when it samples so
