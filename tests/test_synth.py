@@ -14,10 +14,11 @@ import pytest
 from inference.background.tools import Toolbox
 from inference.duplex_eval import Played, score, summarise
 from inference.synth.cards import COLOURS, DIGITS, SHAPES, Card
+from inference.synth.noise import Noise
 from inference.synth.phrasing import TEMPLATES, number_words
-from inference.synth.scenarios import SCENARIOS
+from inference.synth.scenarios import MARKED_PAUSES, SCENARIOS, Director
 from inference.synth.speech import speak
-from inference.synth.timeline import LATENCY_TURNS, STOP_TURNS, text_cue
+from inference.synth.timeline import LATENCY_TURNS, STOP_TURNS, Timeline, text_cue
 from inference.synth.voices import MODEL_VOICE, Voice
 from inference.tokenizer import REQUEST_CLOSE, REQUEST_OPEN, RequestSpans
 from microturn.cli import main
@@ -198,6 +199,26 @@ def test_pauses_hold_no_speech(convs: list[Conv]) -> None:
             assert not c.model[start:end].any()
             assert rms(c.user[start:end]) <= 1.5 * c.meta["noise"]["rms"]
             assert not any(start <= q["answer_start"] < end for q in c.meta["questions"])
+
+
+def test_mid_question_pauses_fall_at_the_wordings_mark_and_after_other_words() -> None:
+    templates = {t.id: t for kind in TEMPLATES.values() for t in kind}
+    at_mark, elsewhere = 0, 0
+    for seed in range(30):
+        director = Director(Timeline(np.random.default_rng(seed), MODEL_VOICE, Noise("none", 0.0)), TEMPLATES)
+        director.run("pause")
+        episode = director.tl.finish("c", "train", "pause", director.phrasing, tail=0.5)
+        assert len(episode.pauses) == len(director.phrasing)
+        for (start, _), template_id in zip(episode.pauses, director.phrasing, strict=True):
+            i = next(k for k, span in enumerate(episode.user_speech) if span[1] == start)
+            head, tail = episode.user_speech_text[i].split(), episode.user_speech_text[i + 1].split()
+            template = templates[template_id]  # its placeholders fill with one word each here
+            assert head and tail and len(head) + len(tail) == len(template.text.replace("|", " ").split())
+            if len(head) == len(template.text.split("|")[0].split()):
+                at_mark += 1
+            else:
+                elsewhere += 1
+    assert at_mark >= 0.5 * MARKED_PAUSES * (at_mark + elsewhere) and elsewhere >= 10
 
 
 def test_speech_the_user_goes_on_from_after_a_pause_is_rendered_as_an_unfinished_clause(convs: list[Conv]) -> None:

@@ -6,8 +6,9 @@
                    ("what is seven plus five" → "twelve"), counting ("count to four" → "one two three four")
 ``visual``         1–2 cards shown on the camera, each with "what colour / shape / number is this"; the camera is on
                    from 0.4–1.2 s before the question until 0.2–0.8 s after the answer
-``pause``          1–2 questions (arithmetic, counting or visual) with a 0.6–1.2 s pause mid-question; the part
-                   before the pause ends as an unfinished clause does (level or rising pitch: ``speak(continuing)``)
+``pause``          1–2 questions (arithmetic, counting or visual) with a 0.6–1.2 s pause mid-question: at the
+                   wording's pause mark or after a word drawn at random (:data:`MARKED_PAUSES`); the part before the
+                   pause ends as an unfinished clause does (level or rising pitch: ``speak(continuing)``)
 ``interruption``   the user asks the model to count to 6–10 and, while it counts, asks an arithmetic question; the
                    model stops at the end of the micro-turn in which the user starts and answers the new question
 ``long``           a long statement: 2–4 sentences with 0.25–0.6 s pauses, each but the last ending unfinished; the
@@ -37,6 +38,10 @@ SCENARIOS = ("greeting", "question", "visual", "pause", "interruption", "long", 
 GREETING_REPLY = "hello! how can I help?"
 FILLERS = ("let me check that.", "one moment, let me work it out.", "hold on, I will check.")
 BACKCHANNELS = ("mm-hm.", "I see.", "okay.")
+MARKED_PAUSES = 0.5
+"""The share of mid-question pauses at the wording's pause mark (``|``). The others fall after a word drawn at
+random, so what tells a model that a question is unfinished is what has been said, not where each wording pauses
+(a held-out wording may pause where no training wording does)."""
 _OPS: dict[str, tuple[str, Callable[[int, int], int]]] = {
     "plus": ("+", lambda a, b: a + b), "minus": ("-", lambda a, b: a - b), "times": ("*", lambda a, b: a * b),
 }
@@ -191,10 +196,18 @@ class Director:
     def _ask(self, template: Template, values: dict[str, str], pause: bool) -> Span:
         if not pause:
             return self.tl.say(template.fill(**values))
-        head, tail = template.halves(**values)
+        head, tail = self._halves(template, values)
         first = self.tl.say(head, continuing=True)
         self.tl.pause(0.6, 1.2)
         return first[0], self.tl.say(tail)[1]
+
+    def _halves(self, template: Template, values: dict[str, str]) -> tuple[str, str]:
+        """A question's wording cut where the user pauses: at its mark, or after a word drawn at random."""
+        if self.rng.random() < MARKED_PAUSES:
+            return template.halves(**values)
+        words = template.fill(**values).split()
+        after = int(self.rng.integers(1, len(words)))
+        return " ".join(words[:after]), " ".join(words[after:])
 
     def _sum(self) -> tuple[int, str, int, int]:
         """A small arithmetic question: single-digit ``a``, ``op`` (plus, minus), ``b`` and the result (never
