@@ -11,11 +11,12 @@ The run folder (``--out``) holds:
 Each step samples ``batch`` windows of ``window`` micro-turns (random conversation, random start) from the train
 split with the run's own generator (with ``answer_windows`` > 0, that share of the windows is placed around a
 micro-turn that starts an answer, drawn from all of the split's answers: the question, and the answer in the window's
-second half), turns them into examples laid out as the engine lays out a live session
-(:mod:`inference.conversation`) and takes one optimiser step (:func:`inference.train.train_step`: the model code
-path the engine runs). Validation: the mean loss over fixed windows of the validation split. Starting a run in a
-folder that has ``state.pt`` resumes it: the same seed, data and settings give the same weights as a run that was
-never interrupted.
+second half; with ``pause_windows`` > 0, that share around the end of one of the user's pauses: what was said before
+it, and the user going on in the window's second half), turns them into examples laid out as the engine lays out a
+live session (:mod:`inference.conversation`) and takes one optimiser step (:func:`inference.train.train_step`: the
+model code path the engine runs). Validation: the mean loss over fixed windows of the validation split. Starting a
+run in a folder that has ``state.pt`` resumes it: the same seed, data and settings give the same weights as a run
+that was never interrupted.
 
 With ``listen_weight`` > 0 the run also trains the listening probe (:mod:`inference.listen`) on the trunk's
 states (or, with ``listen_at = "encoder"``, on the audio encoder's features), with targets that hold each word
@@ -70,6 +71,7 @@ from inference.train import (
     teacher_forced,
     train_step,
 )
+from microturn.contracts import MICRO_TURN_SAMPLES
 
 PARTS = ("all", "flow", "encoder", "stem")
 """What a run trains: the whole model, only the flow head, only the audio encoder (to recognise words), or only the
@@ -103,6 +105,7 @@ class TrainSettings:
     answer_weight: float = 1.0  # how many times a micro-turn that says an answer counts in the spoken-caption loss
     answer_windows: float = 0.0  # the share of windows placed around an answer (0: all at random places)
     answer_kinds: tuple[str, ...] = ()  # place them around the answers to these kinds of question only (empty: all)
+    pause_windows: float = 0.0  # the share of windows placed around the end of a user's pause (0: none)
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     video_thumbnail: bool | None = None  # the first video slot: the frame's thumbnail (inference.video); None: as cfg
@@ -163,6 +166,13 @@ def _answers(files: list[Path], kinds: Collection[str] = ()) -> list[tuple[Path,
             for turn, _ in answers(json.loads(path.with_suffix(".json").read_text()), kinds)]
 
 
+def _pauses(files: list[Path]) -> list[tuple[Path, int]]:
+    """Every pause of the user's in these conversations (mid-question, or between the sentences of a long
+    statement): (conversation, the pause's last micro-turn)."""
+    return [(path, (int(end) - 1) // MICRO_TURN_SAMPLES) for path in files
+            for _, end in json.loads(path.with_suffix(".json").read_text()).get("pauses", [])]
+
+
 def _lr(s: TrainSettings, step: int) -> float:
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
@@ -214,6 +224,9 @@ class Trainer:
         if not 0.0 <= s.answer_windows <= 1.0:
             raise ValueError(f"--answer-windows is the share of windows placed around an answer, from 0 to 1, "
                              f"not {s.answer_windows}")
+        if not 0.0 <= s.pause_windows <= 1.0 - s.answer_windows:
+            raise ValueError(f"--pause-windows is the share of windows placed around a pause, from 0 to 1 less the "
+                             f"--answer-windows, not {s.pause_windows} with {s.answer_windows}")
         if s.listen_span < 1:
             raise ValueError(f"--listen-span is a number of micro-turns, at least 1, not {s.listen_span}")
         if s.listen_span > 1 and s.listen_at == "encoder":
@@ -238,6 +251,9 @@ class Trainer:
         if s.answer_windows and not self.answers:
             which = f" to {', '.join(s.answer_kinds)} questions" if s.answer_kinds else ""
             raise ValueError(f"{s.data}: --answer-windows needs answers, and the train split has none{which}")
+        self.pauses = _pauses(self.train_files) if s.pause_windows else []
+        if s.pause_windows and not self.pauses:
+            raise ValueError(f"{s.data}: --pause-windows needs pauses, and the train split has none")
         torch.manual_seed(s.seed)
         self.net = ReferenceNet(self.cfg).to(s.device)
         if s.init is not None:
@@ -315,8 +331,11 @@ class Trainer:
     def _batch(self) -> TrainBatch:
         windows = []
         for _ in range(self.s.batch):
-            if self.answers and float(torch.rand((), generator=self.data_gen)) < self.s.answer_windows:
-                path, turn = self.answers[int(torch.randint(0, len(self.answers), (), generator=self.data_gen))]
+            share = float(torch.rand((), generator=self.data_gen)) if self.answers or self.pauses else 1.0
+            anchors = (self.answers if share < self.s.answer_windows
+                       else self.pauses if share < self.s.answer_windows + self.s.pause_windows else [])
+            if anchors:
+                path, turn = anchors[int(torch.randint(0, len(anchors), (), generator=self.data_gen))]
                 conv = self._conversation(path)
                 windows.append((conv, *_window_around(conv, turn, self.s.window, self.data_gen)))
                 continue

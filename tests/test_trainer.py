@@ -294,6 +294,30 @@ def test_answer_windows_place_windows_around_answers(tmp_path: Path) -> None:
             Trainer(TrainSettings(data=data, out=tmp_path / "x", steps=1, answer_windows=share))
 
 
+def test_pause_windows_place_windows_around_the_users_pauses(tmp_path: Path) -> None:
+    data = write_data_set(tmp_path / "data", 3)
+    with pytest.raises(ValueError, match="--pause-windows needs pauses"):
+        Trainer(TrainSettings(data=data, out=tmp_path / "none", steps=1, pause_windows=0.5))
+    for path in (data / "train").glob("*.json"):  # a pause in micro-turns 9 and 10, then the user goes on
+        meta = json.loads(path.read_text())
+        meta["pauses"] = [[int(1.9 * 16_000), int(2.2 * 16_000)]]
+        path.write_text(json.dumps(meta))
+
+    def paused(share: float, answer_share: float = 0.0) -> list[bool]:
+        trainer = Trainer(TrainSettings(data=data, out=tmp_path / f"{share}-{answer_share}", steps=1, batch=2,
+                                        window=4, pause_windows=share, answer_windows=answer_share))
+        batches = [trainer._batch() for _ in range(8)]
+        return [p.tolist() == [False, True, True, False] for b in batches for p in b.pauses.split(b.turns)]
+
+    assert all(paused(1.0))  # micro-turns 8–11: what came before, the pause, and the micro-turn after it
+    assert not any(paused(0.0, 1.0))  # all around the answer (micro-turn 7) instead
+    assert not all(paused(0.0))  # a window of 4 at a random place mostly misses it
+    for share, answer_share in ((-0.1, 0.0), (0.7, 0.4)):
+        with pytest.raises(ValueError, match="--pause-windows"):
+            Trainer(TrainSettings(data=data, out=tmp_path / "x", steps=1, pause_windows=share,
+                                  answer_windows=answer_share))
+
+
 def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_path: Path) -> None:
     data = write_data_set(tmp_path / "data", 2)
     base: dict[str, Any] = dict(data=data, steps=3, batch=2, window=6, val_every=3, save_every=3, val_windows=1,
