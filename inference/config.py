@@ -76,6 +76,10 @@ class ModelConfig:
             raise ValueError(f"max_step_tokens must hold one micro-turn ({self.turn_tokens} tokens)")
         if self.video_thumbnail and self.video_slots < 2:
             raise ValueError("video_thumbnail takes one video slot; the patches need at least one more")
+        if self.temperature < 0 or self.decision_temperature < 0:
+            raise ValueError("temperatures cannot be negative (0 is greedy)")
+        if not 0.0 <= self.start_threshold <= 1.0:
+            raise ValueError(f"start_threshold is a probability, from 0 to 1, not {self.start_threshold}")
         if self.audio_context < 0:
             raise ValueError("audio_context cannot be negative")
         if self.top_k > self.n_experts:

@@ -239,3 +239,7 @@ def test_a_silent_model_starts_only_above_the_start_threshold() -> None:
     starts = [x for k, x in enumerate(p) if spoke[k] and (k == 0 or not spoke[k - 1])]
     assert starts and min(starts) >= threshold
     assert any(not spoke[k] and spoke[k - 1] for k in range(1, len(spoke)))  # and it still stops when it samples so
+    with pytest.raises(ValueError, match="start_threshold"):
+        small_config(start_threshold=1.5)
+    with pytest.raises(ValueError, match="temperatures"):
+        small_config(decision_temperature=-1.0)
