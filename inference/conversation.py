@@ -71,6 +71,13 @@ def answers(meta: dict[str, Any], kinds: Collection[str] = ()) -> list[tuple[int
             if not kinds or q["kind"] in kinds]
 
 
+def pauses(meta: dict[str, Any]) -> list[range]:
+    """A conversation's pauses of the user's (mid-question, or between the sentences of a long statement): the
+    micro-turns each one holds a sample of."""
+    return [range(first // MICRO_TURN_SAMPLES, (last - 1) // MICRO_TURN_SAMPLES + 1)
+            for first, last in meta.get("pauses", [])]
+
+
 def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int | None = None) -> list[TurnExample]:
     """Micro-turns ``[start, start + length)`` of ``conv`` as training examples (the queues run from turn 0)."""
     layout = TurnLayout.of(cfg)
@@ -86,9 +93,7 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
                                    microphone.fb)
     text_in: deque[int] = deque()
     caption: deque[int] = deque()
-    pausing: set[int] = set()  # the micro-turns holding a sample of one of the user's mid-question pauses
-    for first, last in conv.meta.get("pauses", []):
-        pausing.update(range(first // MICRO_TURN_SAMPLES, (last - 1) // MICRO_TURN_SAMPLES + 1))
+    pausing = {k for turns in pauses(conv.meta) for k in turns}  # the micro-turns of the user's pauses
     answering: set[int] = set()  # the micro-turns whose caption bytes say an answer (a reply starts with it)
     for first, answer in answers(conv.meta):
         answering.update(range(first, first + -(-len(answer.encode()) // cfg.text_out)))

@@ -45,7 +45,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ from inference import tokenizer
 from inference.card_probe import CardProbe, draw_cards, shown
 from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
-from inference.conversation import Conversation, answers, conversations, examples
+from inference.conversation import Conversation, answers, conversations, examples, pauses
 from inference.layout import TurnLayout
 from inference.listen import ListenProbe, heard, vocabulary_of
 from inference.model import ReferenceNet
@@ -71,7 +70,6 @@ from inference.train import (
     teacher_forced,
     train_step,
 )
-from microturn.contracts import MICRO_TURN_SAMPLES
 
 PARTS = ("all", "flow", "encoder", "stem")
 """What a run trains: the whole model, only the flow head, only the audio encoder (to recognise words), or only the
@@ -159,20 +157,6 @@ def _split(data: Path, *names: str) -> list[Path]:
     raise FileNotFoundError(f"{data}: no {' or '.join(names)} folder; make a data set with `microturn data synth`")
 
 
-def _answers(files: list[Path], kinds: Collection[str] = ()) -> list[tuple[Path, int]]:
-    """Every answer of these conversations (to questions of ``kinds``, when given): (conversation, the micro-turn
-    its reply starts in)."""
-    return [(path, turn) for path in files
-            for turn, _ in answers(json.loads(path.with_suffix(".json").read_text()), kinds)]
-
-
-def _pauses(files: list[Path]) -> list[tuple[Path, int]]:
-    """Every pause of the user's in these conversations (mid-question, or between the sentences of a long
-    statement): (conversation, the pause's last micro-turn)."""
-    return [(path, (int(end) - 1) // MICRO_TURN_SAMPLES) for path in files
-            for _, end in json.loads(path.with_suffix(".json").read_text()).get("pauses", [])]
-
-
 def _lr(s: TrainSettings, step: int) -> float:
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
@@ -247,11 +231,15 @@ class Trainer:
         self.val_files = _split(s.data, "validation", "val")
         if s.answer_kinds and not s.answer_windows:
             raise ValueError("--answer-kinds picks which answers --answer-windows are placed around: give both")
-        self.answers = _answers(self.train_files, s.answer_kinds) if s.answer_windows else []
+        metas = ([(path, json.loads(path.with_suffix(".json").read_text())) for path in self.train_files]
+                 if s.answer_windows or s.pause_windows else [])
+        # the anchors of the placed windows: (conversation, an answer's first micro-turn or a pause's last)
+        self.answers = ([(path, turn) for path, meta in metas for turn, _ in answers(meta, s.answer_kinds)]
+                        if s.answer_windows else [])
         if s.answer_windows and not self.answers:
             which = f" to {', '.join(s.answer_kinds)} questions" if s.answer_kinds else ""
             raise ValueError(f"{s.data}: --answer-windows needs answers, and the train split has none{which}")
-        self.pauses = _pauses(self.train_files) if s.pause_windows else []
+        self.pauses = [(path, turns[-1]) for path, meta in metas for turns in pauses(meta)] if s.pause_windows else []
         if s.pause_windows and not self.pauses:
             raise ValueError(f"{s.data}: --pause-windows needs pauses, and the train split has none")
         torch.manual_seed(s.seed)
