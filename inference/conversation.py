@@ -78,8 +78,61 @@ def pauses(meta: dict[str, Any]) -> list[range]:
             for first, last in meta.get("pauses", [])]
 
 
-def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int | None = None) -> list[TurnExample]:
-    """Micro-turns ``[start, start + length)`` of ``conv`` as training examples (the queues run from turn 0)."""
+LATE_TURNS = 2
+"""The most micro-turns :func:`late_replies` moves a reply by."""
+
+
+def late_replies(conv: Conversation, share: float, generator: torch.Generator) -> tuple[Conversation, set[int]]:
+    """A copy of ``conv`` in which each reply that can be moved is said 1 to :data:`LATE_TURNS` micro-turns late
+    with probability ``share``, and the micro-turns it should have started in (whose SPEAK/SILENT decision is not
+    to be scored).
+
+    The targets start a reply exactly one micro-turn after the question, and a model that misses that micro-turn
+    (sampling, or doubt) has never seen a reply start later: it stays silent, as it was taught to in the user's
+    pauses. A late copy shows it a reply that starts after its own silence. A reply can be moved when the user does
+    not talk over it, and when nothing arrives (user speech, typed text, a background result, the model's next
+    utterance) from its start until a micro-turn after its moved end; the move keeps its audio, caption and answer
+    whole."""
+    meta, turns = conv.meta, conv.turns
+    model_audio = conv.model_audio.copy()
+    speaks, text = list(meta["model_speaks"]), list(meta["model_text"])
+    questions = [dict(q) for q in meta.get("questions", [])]
+    spans: list[list[int]] = []
+    unscored: set[int] = set()
+    for a, b in meta["model_speech"]:
+        spans.append([a, b])
+        if float(torch.rand((), generator=generator)) >= share:
+            continue
+        late = 1 + int(torch.randint(0, LATE_TURNS, (), generator=generator))
+        first, last = a // MICRO_TURN_SAMPLES, (b - 1) // MICRO_TURN_SAMPLES  # the micro-turns it is said in
+        free = range(first, last + late + 2)  # must stay clear, the micro-turn after the move too
+        if (a % MICRO_TURN_SAMPLES or free.stop > turns
+                or any(s < (free.stop * MICRO_TURN_SAMPLES) and e > a for s, e in meta["user_speech"])
+                or any(s < b and e > a for s, e in meta.get("overlaps", []))
+                or any(a < s < free.stop * MICRO_TURN_SAMPLES for s, _ in meta["model_speech"])
+                or any(meta["user_text"][k] or meta["background"][k] for k in free)):
+            continue
+        shift = late * MICRO_TURN_SAMPLES
+        model_audio[a + shift:b + shift] = conv.model_audio[a:b]
+        model_audio[a:a + shift] = 0.0
+        moved = range(first, last + 1)
+        for k in reversed(moved):
+            speaks[k + late], text[k + late] = speaks[k], text[k]
+        for k in range(first, first + late):
+            speaks[k], text[k] = False, ""
+        for q in questions:
+            if q["answer_start"] == a:
+                q["answer_start"] = a + shift
+        spans[-1] = [a + shift, b + shift]
+        unscored.update(range(first, first + late))
+    meta = {**meta, "model_speaks": speaks, "model_text": text, "model_speech": spans, "questions": questions}
+    return Conversation(meta, conv.user_audio, model_audio, conv.video, conv.camera), unscored
+
+
+def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int | None = None,
+             unscored: Collection[int] = ()) -> list[TurnExample]:
+    """Micro-turns ``[start, start + length)`` of ``conv`` as training examples (the queues run from turn 0); the
+    micro-turns in ``unscored`` do not score their SPEAK/SILENT decision (see :func:`late_replies`)."""
     layout = TurnLayout.of(cfg)
     end = conv.turns if length is None else min(conv.turns, start + length)
     lead = min(start, -(-cfg.audio_context // cfg.frames_per_turn))  # micro-turns before the window its audio hears
@@ -124,7 +177,7 @@ def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int |
         mel = said[k - start] if speaks else torch.full_like(said[k - start], dmel.LOG_MIN)
         out.append(TurnExample(layout.user_side(slots, video, heard[k - start], before),
                                tokenizer.SPEAK if speaks else tokenizer.SILENT, ids, mel, k in pausing,
-                               speaks and k in answering))
+                               speaks and k in answering, k not in unscored))
         before = layout.heard_next(before, heard[k - start])
     return out
 

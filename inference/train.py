@@ -15,7 +15,9 @@ attention mask as streaming. Losses:
   the micro-turns where the decision changes (the model starts, or stops) count :data:`CHANGE_WEIGHT` times. They
   are a few in a hundred, yet they are turn-taking: starting late, not at all, or not stopping. The micro-turns of
   the user's mid-question pauses can count ``pause_weight`` times too: a silence there looks like the end of a
-  question, and only what was said tells them apart;
+  question, and only what was said tells them apart. The micro-turns a reply said late should have started in
+  (:func:`inference.conversation.late_replies`) score no decision, in either loss: they show the model silent
+  there, not that it should be;
 - audio out: flow matching of the output mel of each micro-turn in which the model speaks (the flow head runs for
   no other), conditioned on the depth head's final state and the caption context;
 - MoE balance: the routers' Switch balance loss (weighted by ``balance_weight``); after each step the
@@ -53,6 +55,7 @@ class TurnExample:
     mel: torch.Tensor  # (frames_per_turn, n_mels) log10 mel of the output audio (floor when silent)
     pause: bool = False  # the user pauses mid-question here: the model must not take the turn
     answer: bool = False  # its caption bytes say (part of) the answer to a question
+    scored: bool = True  # its SPEAK/SILENT decision counts in the losses (see inference.conversation.late_replies)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class TrainBatch:
     changes: torch.Tensor  # (M,) bool: the SPEAK/SILENT decision differs from the micro-turn before
     pauses: torch.Tensor  # (M,) bool: the micro-turn is in one of the user's mid-question pauses
     answers: torch.Tensor  # (M,) bool: the micro-turn's caption says (part of) an answer
+    scored: torch.Tensor  # (M,) bool: the micro-turn's SPEAK/SILENT decision counts in the losses
     turns: list[int]  # micro-turns per sequence
     heard: torch.Tensor | None = None  # (M, V) the user's words that ended in each micro-turn (inference.listen)
     cards: torch.Tensor | None = None  # (M,) the card shown in each micro-turn (inference.card_probe), -1: none known
@@ -78,7 +82,7 @@ class TrainBatch:
 
 
 def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> TrainBatch:
-    parts, lengths, rows, text_targets, mels, changes, pauses, answers = [], [], [], [], [], [], [], []
+    parts, lengths, rows, text_targets, mels, changes, pauses, answers, scored = [], [], [], [], [], [], [], [], []
     offset = 0
     for turns in sequences:
         start = offset
@@ -89,6 +93,7 @@ def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> Train
             changes.append(turn.control != previous)
             pauses.append(turn.pause)
             answers.append(turn.answer)
+            scored.append(turn.scored)
             previous = turn.control
             model_side = layout.model_side(turn.control, turn.caption, dmel.quantize(turn.mel))
             rows.append(offset + len(turn.user) - 1)
@@ -99,7 +104,8 @@ def build_batch(layout: TurnLayout, sequences: list[list[TurnExample]]) -> Train
         lengths.append(offset - start)
     return TrainBatch(Tokens.cat(parts), lengths, torch.tensor(rows), torch.stack(text_targets),
                       torch.stack(mels), torch.tensor(changes), torch.tensor(pauses, dtype=torch.bool),
-                      torch.tensor(answers, dtype=torch.bool), [len(turns) for turns in sequences])
+                      torch.tensor(answers, dtype=torch.bool), torch.tensor(scored, dtype=torch.bool),
+                      [len(turns) for turns in sequences])
 
 
 @dataclass
@@ -154,7 +160,9 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
     forced = teacher_forced(net, batch)
     logits, cond, routings = forced.logits, forced.cond, forced.routings
     targets = batch.text_targets.to(device)
-    text = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    scored = torch.ones_like(targets, dtype=torch.bool)  # (M, 1 + text_out): all but unscored decisions
+    scored[:, 0] = batch.scored.to(device)
+    text = F.cross_entropy(logits[scored], targets[scored])
     speaking = targets[:, 0] == tokenizer.SPEAK
     if bool(speaking.any()):
         said = F.cross_entropy(logits[speaking, 1:].transpose(1, 2), targets[speaking, 1:], reduction="none")
@@ -162,7 +170,7 @@ def compute_losses(net: ReferenceNet, batch: TrainBatch, generator: torch.Genera
         text = text + (weights[:, None] * said).sum() / (weights.sum() * said.shape[1])
     if decision_weight > 0:
         weights = (1 + (CHANGE_WEIGHT - 1) * batch.changes.to(device).float()
-                   + (pause_weight - 1) * batch.pauses.to(device).float())
+                   + (pause_weight - 1) * batch.pauses.to(device).float()) * scored[:, 0].float()
         decision = F.cross_entropy(logits[:, 0], targets[:, 0], reduction="none")
         text = text + decision_weight * (weights * decision).sum() / weights.sum()
     flow = flow_loss(net, cond[speaking], batch.flow_text(cfg.flow_text_turns).to(device)[speaking],

@@ -12,11 +12,12 @@ Each step samples ``batch`` windows of ``window`` micro-turns (random conversati
 split with the run's own generator (with ``answer_windows`` > 0, that share of the windows is placed around a
 micro-turn that starts an answer, drawn from all of the split's answers: the question, and the answer in the window's
 second half; with ``pause_windows`` > 0, that share around the end of one of the user's pauses: what was said before
-it, and the user going on in the window's second half), turns them into examples laid out as the engine lays out a
-live session (:mod:`inference.conversation`) and takes one optimiser step (:func:`inference.train.train_step`: the
-model code path the engine runs). Validation: the mean loss over fixed windows of the validation split. Starting a
-run in a folder that has ``state.pt`` resumes it: the same seed, data and settings give the same weights as a run
-that was never interrupted.
+it, and the user going on in the window's second half; with ``late_replies`` > 0, that share of the replies in
+them is said one or two micro-turns late, :func:`inference.conversation.late_replies`), turns them into examples
+laid out as the engine lays out a live session (:mod:`inference.conversation`) and takes one optimiser step
+(:func:`inference.train.train_step`: the model code path the engine runs). Validation: the mean loss over fixed
+windows of the validation split, as they are. Starting a run in a folder that has ``state.pt`` resumes it: the same
+seed, data and settings give the same weights as a run that was never interrupted.
 
 With ``listen_weight`` > 0 the run also trains the listening probe (:mod:`inference.listen`) on the trunk's
 states (or, with ``listen_at = "encoder"``, on the audio encoder's features), with targets that hold each word
@@ -56,7 +57,7 @@ from inference import tokenizer
 from inference.card_probe import CardProbe, draw_cards, shown
 from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
-from inference.conversation import Conversation, answers, conversations, examples, pauses
+from inference.conversation import Conversation, answers, conversations, examples, late_replies, pauses
 from inference.layout import TurnLayout
 from inference.listen import ListenProbe, heard, vocabulary_of
 from inference.model import ReferenceNet
@@ -104,6 +105,7 @@ class TrainSettings:
     answer_windows: float = 0.0  # the share of windows placed around an answer (0: all at random places)
     answer_kinds: tuple[str, ...] = ()  # place them around the answers to these kinds of question only (empty: all)
     pause_windows: float = 0.0  # the share of windows placed around the end of a user's pause (0: none)
+    late_replies: float = 0.0  # the share of replies said 1-2 micro-turns late (inference.conversation.late_replies)
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     video_thumbnail: bool | None = None  # the first video slot: the frame's thumbnail (inference.video); None: as cfg
@@ -211,6 +213,8 @@ class Trainer:
         if not 0.0 <= s.pause_windows <= 1.0 - s.answer_windows:
             raise ValueError(f"--pause-windows is the share of windows placed around a pause, from 0 to 1 less the "
                              f"--answer-windows, not {s.pause_windows} with {s.answer_windows}")
+        if not 0.0 <= s.late_replies <= 1.0:
+            raise ValueError(f"--late-replies is the share of replies said late, from 0 to 1, not {s.late_replies}")
         if s.listen_span < 1:
             raise ValueError(f"--listen-span is a number of micro-turns, at least 1, not {s.listen_span}")
         if s.listen_span > 1 and s.listen_at == "encoder":
@@ -330,12 +334,19 @@ class Trainer:
             path = self.train_files[int(torch.randint(0, len(self.train_files), (), generator=self.data_gen))]
             conv = self._conversation(path)
             windows.append((conv, *_window(conv, self.s.window, self.data_gen)))
-        return self._windows(windows)
+        if not self.s.late_replies:
+            return self._windows(windows)
+        late = [late_replies(conv, self.s.late_replies, self.data_gen) for conv, _, _ in windows]
+        moved = [(conv, start, length) for (conv, _), (_, start, length) in zip(late, windows, strict=True)]
+        return self._windows(moved, [unscored for _, unscored in late])
 
-    def _windows(self, windows: list[tuple[Conversation, int, int]]) -> TrainBatch:
-        """A batch of windows (conversation, start, length); with the listening or the card probe, their targets
-        too."""
-        sequences = [examples(conv, self.cfg, start, length) for conv, start, length in windows]
+    def _windows(self, windows: list[tuple[Conversation, int, int]],
+                 unscored: list[set[int]] | None = None) -> TrainBatch:
+        """A batch of windows (conversation, start, length), each with the micro-turns whose decision is not scored
+        (none when not given); with the listening or the card probe, their targets too."""
+        unscored = unscored or [set() for _ in windows]
+        sequences = [examples(conv, self.cfg, start, length, skip)
+                     for (conv, start, length), skip in zip(windows, unscored, strict=True)]
         batch = build_batch(self.layout, sequences)
         if self.trunk_cards is not None:
             batch = dataclasses.replace(batch, cards=torch.cat([

@@ -122,6 +122,7 @@ def _train(args: argparse.Namespace) -> int:
                              parts=args.parts, decision_weight=args.decision_weight, pause_weight=args.pause_weight,
                              answer_weight=args.answer_weight, answer_windows=args.answer_windows,
                              answer_kinds=args.answer_kinds, pause_windows=args.pause_windows,
+                             late_replies=args.late_replies,
                              flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight,
                              audio_context=args.audio_context, listen_at=args.listen_at,
                              listen_span=args.listen_span, video_thumbnail=args.video_thumbnail,
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the share of training windows placed around the end of one of the user's pauses, drawn "
                        "from all of the train split's pauses (mid-question, or between the sentences of a long "
                        "statement), with what was said before it (0: none)")
+    train.add_argument("--late-replies", type=float, default=0.0,
+                       help="the share of the model's replies said one or two micro-turns late in the training "
+                       "windows, the decision of the micro-turns they should have started in not scored: it teaches a "
+                       "model that missed a reply's first micro-turn to start in the next ones (0: none)")
     train.add_argument("--listen-weight", type=float, default=0.0,
                        help="weight of a training-only probe that names the user's words in each micro-turn from "
                        "the trunk's state (inference.listen; 0: off)")

@@ -17,7 +17,7 @@ from inference.card_probe import NAMES, shown
 from inference.checkpoint import load_checkpoint
 from inference.config import preset
 from inference.context import TurnRecord, first_link
-from inference.conversation import Conversation, answers, examples
+from inference.conversation import LATE_TURNS, Conversation, answers, examples, late_replies
 from inference.layout import TurnLayout
 from inference.listen import heard
 from inference.model import ReferenceNet
@@ -316,6 +316,91 @@ def test_pause_windows_place_windows_around_the_users_pauses(tmp_path: Path) -> 
         with pytest.raises(ValueError, match="--pause-windows"):
             Trainer(TrainSettings(data=data, out=tmp_path / "x", steps=1, pause_windows=share,
                                   answer_windows=answer_share))
+
+
+def padded(conv: Conversation, turns: int) -> Conversation:
+    """``conv`` with silent micro-turns added at its end, up to ``turns``."""
+    more, meta = turns - conv.turns, dict(conv.meta)
+    for key in ("user_text", "background"):
+        meta[key] = meta[key] + [[] for _ in range(more)]
+    meta["model_text"], meta["model_speaks"] = meta["model_text"] + [""] * more, meta["model_speaks"] + [False] * more
+    meta["turns"] = turns
+    return Conversation(meta, np.pad(conv.user_audio, (0, more * 3200)), np.pad(conv.model_audio, (0, more * 3200)),
+                        np.pad(conv.video, ((0, more), (0, 0), (0, 0), (0, 0))), np.pad(conv.camera, (0, more)))
+
+
+def test_late_replies_say_a_reply_whole_one_or_two_micro_turns_late_and_leave_its_lost_start_unscored(
+        tmp_path: Path) -> None:
+    base = Conversation.load(write_conversation(tmp_path, "c0", 0))  # the reply: micro-turns 7–10 of 12
+    conv = padded(base, 16)
+    cfg = dataclasses.replace(preset("tiny"), audio_context=0)
+    seen = set()
+    for seed in range(8):
+        late, unscored = late_replies(conv, 1.0, torch.Generator().manual_seed(seed))
+        moved = (np.flatnonzero(late.model_audio)[0] - np.flatnonzero(conv.model_audio)[0]) // 3200
+        seen.add(moved)
+        assert np.array_equal(late.model_audio, np.roll(conv.model_audio, moved * 3200))  # the same audio, later
+        assert late.meta["model_speaks"] == [7 + moved <= k <= 10 + moved for k in range(16)]
+        assert late.meta["model_text"][7 + moved:9 + moved] == ["it is ", "red"]
+        assert late.meta["model_speech"] == [[(7 + moved) * 3200, (11 + moved) * 3200]]
+        assert answers(late.meta) == [(7 + moved, "red")]
+        assert unscored == set(range(7, 7 + moved))  # where it should have started
+        got = examples(late, cfg, 6, 8, unscored)
+        assert [e.scored for e in got] == [k not in unscored for k in range(6, 14)]
+        assert [e.control == tokenizer.SPEAK for e in got] == late.meta["model_speaks"][6:14]
+        assert [e.answer for e in got] == [k == 7 + moved for k in range(6, 14)]
+    assert seen == set(range(1, LATE_TURNS + 1))
+    assert conv.meta["model_speaks"][7] and conv.model_audio[7 * 3200 + 1] != 0  # the original is left alone
+    assert late_replies(conv, 0.0, torch.Generator().manual_seed(0))[1] == set()
+
+    def stays(edit: Callable[[dict[str, Any]], None], turns: int = 16) -> bool:
+        meta = json.loads(json.dumps(base.meta))
+        edit(meta)
+        edited = padded(dataclasses.replace(base, meta=meta), turns)
+        return all(not {7, 8} & late_replies(edited, 1.0, torch.Generator().manual_seed(seed))[1] for seed in range(8))
+
+    assert not stays(lambda meta: None)
+    assert stays(lambda meta: meta["user_speech"].append([12 * 3200, 13 * 3200]))  # the user speaks right after it
+    assert stays(lambda meta: meta["overlaps"].append([10 * 3200, 11 * 3200]))  # the user talked over it
+    assert stays(lambda meta: meta["user_text"][11].append("hi"))  # a typed text arrives in its way
+    assert stays(lambda meta: meta["background"][8].append("42"))  # a background result arrives while it is said
+    assert stays(lambda meta: meta["model_speech"].append([12 * 3200, 13 * 3200]))  # the model's next utterance
+    assert stays(lambda meta: None, turns=12)  # no room: the conversation ends a micro-turn after the reply
+
+
+def test_unscored_decisions_count_in_no_loss_and_late_replies_are_drawn_for_training_windows_only(
+        tmp_path: Path) -> None:
+    got, batch, net = edited_examples(tmp_path, lambda meta: None)
+    skipped = build_batch(TurnLayout.of(net.cfg), [[dataclasses.replace(e, scored=k not in (7, 8))
+                                                     for k, e in enumerate(got)]])
+    assert batch.scored.all() and skipped.scored.tolist() == [k not in (7, 8) for k in range(TURNS)]
+    with torch.no_grad():
+        plain, _ = compute_losses(net, batch, torch.Generator().manual_seed(1), decision_weight=1.0)
+        less, _ = compute_losses(net, skipped, torch.Generator().manual_seed(1), decision_weight=1.0)
+        logits = teacher_forced(net, batch).logits
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.text_targets, reduction="none")  # (M, 1+n)
+    kept = torch.ones_like(ce, dtype=torch.bool)
+    kept[7:9, 0] = False
+    w = torch.where(batch.changes, 4.0, 1.0) * skipped.scored.float()
+    expected = (ce[kept].mean() - ce.mean() + (w * ce[:, 0]).sum() / w.sum()
+                - (torch.where(batch.changes, 4.0, 1.0) * ce[:, 0]).sum() / torch.where(batch.changes, 4.0, 1.0).sum())
+    assert abs(float(less.text - plain.text) - float(expected)) < 1e-5
+    assert float(less.flow) == float(plain.flow)  # the audio and captions the model says still count
+
+    data = write_data_set(tmp_path / "data", 3)
+    for path in data.glob("*/*.npz"):  # room after the reply to say it late
+        conv = padded(Conversation.load(path), 16)
+        np.savez(path, user_audio=conv.user_audio, model_audio=conv.model_audio, video=conv.video, camera=conv.camera)
+        path.with_suffix(".json").write_text(json.dumps(conv.meta))
+    trainer = Trainer(TrainSettings(data=data, out=tmp_path / "late", steps=1, batch=4, window=12,
+                                    late_replies=1.0, val_windows=2))
+    assert any(not b.scored.all() for b in (trainer._batch() for _ in range(4)))
+    plain_run = Trainer(TrainSettings(data=data, out=tmp_path / "plain", steps=1, window=12, val_windows=2))
+    assert trainer.validate()[0] == plain_run.validate()[0]  # validation windows are as they are
+    assert build_parser().parse_args(["train", "--data", "d", "--late-replies", "0.5"]).late_replies == 0.5
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="--late-replies"):
+            Trainer(TrainSettings(data=data, out=tmp_path / "x", steps=1, late_replies=share))
 
 
 def test_a_flow_run_starts_from_a_checkpoint_and_trains_only_the_flow_head(tmp_path: Path) -> None:
