@@ -136,7 +136,7 @@ def _eval(args: argparse.Namespace) -> int:
     from microturn.eval_duplex import eval_duplex
 
     result = eval_duplex(args.checkpoint, args.set, via=args.via, limit=args.limit, plot=args.plot,
-                         device=args.device, model=args.model, seed=args.seed)
+                         device=args.device, model=args.model, seed=args.seed, scores=args.scores)
     print(json.dumps(result))
     return 0
 
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in real time")
     duplex.add_argument("--limit", type=int, help="at most this many conversations")
     duplex.add_argument("--plot", type=Path, help="write a timeline PNG of user vs model speech here")
+    duplex.add_argument("--scores", type=Path, help="write each conversation's counts here, one JSON line each (id, "
+                        "scenario, turns and turns taken, pauses and pauses taken over, interruption stops, answers)")
     duplex.add_argument("--device", default="cpu")
     duplex.add_argument("--seed", type=int, default=0,
                         help="sampling seed of every offline session (through WebRTC the gateway draws them)")

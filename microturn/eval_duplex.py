@@ -11,7 +11,9 @@ conversation's scripted results are given to the model at their micro-turns. Met
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,12 +134,13 @@ def play_teacher_forced(conv: Conversation, net: ReferenceNet) -> Played:
 
 def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", limit: int | None = None,
                 plot: Path | None = None, device: str = "cpu", model: str = "reference",
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, scores: Path | None = None) -> dict[str, Any]:
     """Score the model on the test conversations of ``set_dir``; returns the JSON ``eval duplex`` prints.
     ``model`` ``echo`` (no checkpoint) is the diagnostic: its speech is the user's, one micro-turn later; ``oracle``
     scores the conversations' own targets as the path would play them (the best a model can get); ``teacher-forced``
     the checkpoint's audio head alone (:func:`play_teacher_forced`), played the same way. ``seed`` seeds every
-    offline session's sampling."""
+    offline session's sampling. ``scores``: write each conversation's counts there too, a JSON line each (its id,
+    scenario and :class:`ConversationScore`), to find which conversations a model loses turns or pauses in."""
     files = _test_files(set_dir)[:limit]
     convs = [Conversation.load(f) for f in files]
     recognise = Recogniser(candidates([c.meta for c in convs]))
@@ -172,7 +175,12 @@ def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", li
     else:
         raise ValueError(f"--via must be offline or webrtc, not {via!r}")
     print(file=sys.stderr)
-    result = summarise([score(c.meta, p, recognise) for c, p in zip(convs, played, strict=True)])
+    each = [score(c.meta, p, recognise) for c, p in zip(convs, played, strict=True)]
+    result = summarise(each)
+    if scores is not None:
+        scores.write_text("".join(json.dumps({"id": f.stem, "scenario": c.meta.get("scenario"), **asdict(s)}) + "\n"
+                                  for f, c, s in zip(files, convs, each, strict=True)))
+        result["scores"] = str(scores)
     result["via"], result["model"] = via, model
     if plot is not None:
         plot_timelines([(f.stem, c.meta, p) for f, c, p in zip(files, convs, played, strict=True)][:6], plot)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -128,11 +129,16 @@ async def test_the_runner_plays_conversations_time_aligned_through_webrtc_and_of
     assert 0.2 <= delay <= 0.35, delay  # one micro-turn plus the WebRTC path (idle machine: ≈ 0.25 s)
 
     result = await asyncio.to_thread(eval_duplex, None, tmp_path, "offline", None, tmp_path / "timeline.png",
-                                     "cpu", "echo")
+                                     "cpu", "echo", 0, tmp_path / "scores.jsonl")
     assert set(result) >= {"pause_tor", "turn_tor", "turn_latency_s", "interrupt_stop_s", "interrupt_tor",
                            "answer_acc_audio", "answer_acc_text", "visual_acc", "n_conversations"}
     assert result["n_conversations"] == 1
     assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+    line, = (json.loads(x) for x in (tmp_path / "scores.jsonl").read_text().splitlines())
+    assert line["id"] == "c0" and line["scenario"] == "test" and line["turns"] == 1  # the conversation's own counts
+    assert line["turn_takeovers"] / line["turns"] == result["turn_tor"] == 0.0  # the echo still talks at the end
+    (kind, expected, audio_ok, text_ok), = line["answers"]
+    assert (kind, expected, audio_ok) == ("visual", "red", False) and text_ok == (result["answer_acc_text"] == 1.0)
 
 
 def test_digit_answers_are_recognised_as_spoken_and_interrupted_answers_are_not_scored() -> None:
