@@ -94,7 +94,7 @@ def late_replies(conv: Conversation, share: float, generator: torch.Generator) -
     utterance) from its start until a micro-turn after its moved end; the move keeps its audio, caption and answer
     whole."""
     meta, turns = conv.meta, conv.turns
-    model_audio = conv.model_audio.copy()
+    model_audio = conv.model_audio  # copied before the first move
     speaks, text = list(meta["model_speaks"]), list(meta["model_text"])
     questions = [dict(q) for q in meta.get("questions", [])]
     spans: list[list[int]] = []
@@ -113,13 +113,12 @@ def late_replies(conv: Conversation, share: float, generator: torch.Generator) -
                 or any(meta["user_text"][k] or meta["background"][k] for k in free)):
             continue
         shift = late * MICRO_TURN_SAMPLES
+        if model_audio is conv.model_audio:
+            model_audio = conv.model_audio.copy()
         model_audio[a + shift:b + shift] = conv.model_audio[a:b]
         model_audio[a:a + shift] = 0.0
-        moved = range(first, last + 1)
-        for k in reversed(moved):
-            speaks[k + late], text[k + late] = speaks[k], text[k]
-        for k in range(first, first + late):
-            speaks[k], text[k] = False, ""
+        speaks[first:last + late + 1] = [False] * late + speaks[first:last + 1]
+        text[first:last + late + 1] = [""] * late + text[first:last + 1]
         for q in questions:
             if q["answer_start"] == a:
                 q["answer_start"] = a + shift

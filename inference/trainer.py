@@ -166,20 +166,35 @@ def _lr(s: TrainSettings, step: int) -> float:
     return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _window(conv: Conversation, window: int, generator: torch.Generator) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Window:
+    """Micro-turns ``[start, start + length)`` of ``conv`` to train or validate on, and those among them whose
+    SPEAK/SILENT decision is not scored (see :func:`inference.conversation.late_replies`)."""
+
+    conv: Conversation
+    start: int
+    length: int
+    unscored: frozenset[int] = frozenset()
+
+    def said_late(self, share: float, generator: torch.Generator) -> Window:
+        """This window with that share of the conversation's replies said late."""
+        conv, unscored = late_replies(self.conv, share, generator)
+        return Window(conv, self.start, self.length, frozenset(unscored))
+
+
+def _window(conv: Conversation, window: int, generator: torch.Generator) -> Window:
     length = min(window, conv.turns)
-    start = int(torch.randint(0, conv.turns - length + 1, (), generator=generator))
-    return start, length
+    return Window(conv, int(torch.randint(0, conv.turns - length + 1, (), generator=generator)), length)
 
 
-def _window_around(conv: Conversation, turn: int, window: int, generator: torch.Generator) -> tuple[int, int]:
+def _window_around(conv: Conversation, turn: int, window: int, generator: torch.Generator) -> Window:
     """A window with micro-turn ``turn`` and the next one in its second half, so that what led to them (the
     question) comes before; clipped to the conversation."""
     length = min(window, conv.turns)
     last = conv.turns - length
     low = min(max(0, turn + 2 - length), last)
     high = min(max(low, turn - length // 2), last)
-    return low + int(torch.randint(0, high - low + 1, (), generator=generator)), length
+    return Window(conv, low + int(torch.randint(0, high - low + 1, (), generator=generator)), length)
 
 
 class Trainer:
@@ -328,34 +343,26 @@ class Trainer:
                        else self.pauses if share < self.s.answer_windows + self.s.pause_windows else [])
             if anchors:
                 path, turn = anchors[int(torch.randint(0, len(anchors), (), generator=self.data_gen))]
-                conv = self._conversation(path)
-                windows.append((conv, *_window_around(conv, turn, self.s.window, self.data_gen)))
+                windows.append(_window_around(self._conversation(path), turn, self.s.window, self.data_gen))
                 continue
             path = self.train_files[int(torch.randint(0, len(self.train_files), (), generator=self.data_gen))]
-            conv = self._conversation(path)
-            windows.append((conv, *_window(conv, self.s.window, self.data_gen)))
-        if not self.s.late_replies:
-            return self._windows(windows)
-        late = [late_replies(conv, self.s.late_replies, self.data_gen) for conv, _, _ in windows]
-        moved = [(conv, start, length) for (conv, _), (_, start, length) in zip(late, windows, strict=True)]
-        return self._windows(moved, [unscored for _, unscored in late])
+            windows.append(_window(self._conversation(path), self.s.window, self.data_gen))
+        if self.s.late_replies:
+            windows = [w.said_late(self.s.late_replies, self.data_gen) for w in windows]
+        return self._windows(windows)
 
-    def _windows(self, windows: list[tuple[Conversation, int, int]],
-                 unscored: list[set[int]] | None = None) -> TrainBatch:
-        """A batch of windows (conversation, start, length), each with the micro-turns whose decision is not scored
-        (none when not given); with the listening or the card probe, their targets too."""
-        unscored = unscored or [set() for _ in windows]
-        sequences = [examples(conv, self.cfg, start, length, skip)
-                     for (conv, start, length), skip in zip(windows, unscored, strict=True)]
+    def _windows(self, windows: list[Window]) -> TrainBatch:
+        """A batch of ``windows``; with the listening or the card probe, their targets too."""
+        sequences = [examples(w.conv, self.cfg, w.start, w.length, w.unscored) for w in windows]
         batch = build_batch(self.layout, sequences)
         if self.trunk_cards is not None:
             batch = dataclasses.replace(batch, cards=torch.cat([
-                shown(conv.meta, conv.camera, start, len(seq))
-                for (conv, start, _), seq in zip(windows, sequences, strict=True)]))
+                shown(w.conv.meta, w.conv.camera, w.start, len(seq))
+                for w, seq in zip(windows, sequences, strict=True)]))
         if self.probe is None:
             return batch
-        words = [heard(conv.meta, self.probe.vocab, start, len(seq), self.s.listen_span)
-                 for (conv, start, _), seq in zip(windows, sequences, strict=True)]
+        words = [heard(w.conv.meta, self.probe.vocab, w.start, len(seq), self.s.listen_span)
+                 for w, seq in zip(windows, sequences, strict=True)]
         return dataclasses.replace(batch, heard=torch.cat(words))
 
     def _flow_loss(self, rows: FlowPairs, generator: torch.Generator) -> torch.Tensor:
@@ -430,7 +437,7 @@ class Trainer:
         with torch.no_grad():
             for i in range(self.s.val_windows):
                 conv = self._conversation(self.val_files[i % len(self.val_files)])
-                batch = self._windows([(conv, *_window(conv, self.s.window, gen))])
+                batch = self._windows([_window(conv, self.s.window, gen)])
                 if self.s.parts == "encoder":
                     heard_loss = float(self._encoder_loss(batch))
                     totals.append(heard_loss)

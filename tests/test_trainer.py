@@ -22,8 +22,8 @@ from inference.layout import TurnLayout
 from inference.listen import heard
 from inference.model import ReferenceNet
 from inference.reference import ReferenceModel
-from inference.train import TrainBatch, TurnExample, build_batch, compute_losses, teacher_forced
-from inference.trainer import Trainer, TrainSettings
+from inference.train import CHANGE_WEIGHT, TrainBatch, TurnExample, build_batch, compute_losses, teacher_forced
+from inference.trainer import Trainer, TrainSettings, Window
 from inference.video import THUMBNAIL
 from microturn.cli import build_parser
 from microturn.contracts import MicroTurn
@@ -191,8 +191,8 @@ def test_a_listening_run_with_a_span_holds_each_word_and_resumes_only_with_that_
     one, four = Trainer(settings("one", 2, 1)), Trainer(settings("four", 2, 4))
     assert one.probe is not None and four.probe is not None
     conv = one._conversation(one.train_files[0])
-    words_one = one._windows([(conv, 0, conv.turns)]).heard
-    words_four = four._windows([(conv, 0, conv.turns)]).heard
+    words_one = one._windows([Window(conv, 0, conv.turns)]).heard
+    words_four = four._windows([Window(conv, 0, conv.turns)]).heard
     assert words_one is not None and words_four is not None
     assert torch.equal(words_four, heard(conv.meta, four.probe.vocab, 0, conv.turns, span=4))
     assert words_four.sum() > words_one.sum() and bool((words_four >= words_one).all())
@@ -233,7 +233,7 @@ def test_the_micro_turns_of_a_mid_question_pause_weigh_more_in_the_decision_loss
         paused, _ = compute_losses(net, batch, torch.Generator().manual_seed(1), decision_weight=1.0, pause_weight=5.0)
         ce = torch.nn.functional.cross_entropy(teacher_forced(net, batch).logits[:, 0], batch.text_targets[:, 0],
                                                reduction="none")
-    w = torch.where(batch.changes, 4.0, 1.0)
+    w = torch.where(batch.changes, CHANGE_WEIGHT, 1.0)
     assert abs(float(even.text - plain.text) - float((w * ce).sum() / w.sum())) < 1e-5
     w = w + 4.0 * batch.pauses.float()
     assert abs(float(paused.text - plain.text) - float((w * ce).sum() / w.sum())) < 1e-5
@@ -351,7 +351,8 @@ def test_late_replies_say_a_reply_whole_one_or_two_micro_turns_late_and_leave_it
         assert [e.answer for e in got] == [k == 7 + moved for k in range(6, 14)]
     assert seen == set(range(1, LATE_TURNS + 1))
     assert conv.meta["model_speaks"][7] and conv.model_audio[7 * 3200 + 1] != 0  # the original is left alone
-    assert late_replies(conv, 0.0, torch.Generator().manual_seed(0))[1] == set()
+    kept, none = late_replies(conv, 0.0, torch.Generator().manual_seed(0))
+    assert none == set() and kept.model_audio is conv.model_audio  # nothing moved: the audio is not copied
 
     def stays(edit: Callable[[dict[str, Any]], None], turns: int = 16) -> bool:
         meta = json.loads(json.dumps(base.meta))
@@ -381,9 +382,10 @@ def test_unscored_decisions_count_in_no_loss_and_late_replies_are_drawn_for_trai
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.text_targets, reduction="none")  # (M, 1+n)
     kept = torch.ones_like(ce, dtype=torch.bool)
     kept[7:9, 0] = False
-    w = torch.where(batch.changes, 4.0, 1.0) * skipped.scored.float()
+    changes = torch.where(batch.changes, CHANGE_WEIGHT, 1.0)
+    w = changes * skipped.scored.float()
     expected = (ce[kept].mean() - ce.mean() + (w * ce[:, 0]).sum() / w.sum()
-                - (torch.where(batch.changes, 4.0, 1.0) * ce[:, 0]).sum() / torch.where(batch.changes, 4.0, 1.0).sum())
+                - (changes * ce[:, 0]).sum() / changes.sum())
     assert abs(float(less.text - plain.text) - float(expected)) < 1e-5
     assert float(less.flow) == float(plain.flow)  # the audio and captions the model says still count
 
@@ -500,7 +502,7 @@ def test_the_card_probe_learns_from_the_micro_turns_a_questioned_card_shows_and_
                              save_every=2, val_windows=1, warmup=2, seed=3, card_weight=card_weight)
 
     straight = Trainer(settings("a", 4))
-    batch = straight._windows([(conv, 3, 6)])
+    batch = straight._windows([Window(conv, 3, 6)])
     assert batch.cards is not None and batch.cards.tolist() == [red] * 3 + [-1] * 3
     with torch.no_grad():  # the card loss: the probe on the trunk's state of the labelled micro-turns only
         losses, _ = compute_losses(straight.net, batch, torch.Generator().manual_seed(0), cards=straight.trunk_cards)
