@@ -13,7 +13,9 @@ split with the run's own generator (with ``answer_windows`` > 0, that share of t
 micro-turn that starts an answer, drawn from all of the split's answers: the question, and the answer in the window's
 second half; with ``pause_windows`` > 0, that share around the end of one of the user's pauses: what was said before
 it, and the user going on in the window's second half; with ``late_replies`` > 0, that share of the replies in
-them is said one or two micro-turns late, :func:`inference.conversation.late_replies`), turns them into examples
+them is said one or two micro-turns late, :func:`inference.conversation.late_replies`; with ``audio_shift`` or
+``low_pass`` > 0, that share of the windows hears its user audio moved against the micro-turn grid, or low-passed,
+as the live path moves and thins it, :mod:`inference.augment`), turns them into examples
 laid out as the engine lays out a live session (:mod:`inference.conversation`) and takes one optimiser step
 (:func:`inference.train.train_step`: the model code path the engine runs). Validation: the mean loss over fixed
 windows of the validation split, as they are. Starting a run in a folder that has ``state.pt`` resumes it: the same
@@ -54,6 +56,7 @@ import numpy as np
 import torch
 
 from inference import tokenizer
+from inference.augment import low_passed, shifted
 from inference.card_probe import CardProbe, draw_cards, shown
 from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
@@ -106,6 +109,8 @@ class TrainSettings:
     answer_kinds: tuple[str, ...] = ()  # place them around the answers to these kinds of question only (empty: all)
     pause_windows: float = 0.0  # the share of windows placed around the end of a user's pause (0: none)
     late_replies: float = 0.0  # the share of replies said 1-2 micro-turns late (inference.conversation.late_replies)
+    audio_shift: float = 0.0  # the share of windows whose user audio is shifted against the grid (inference.augment)
+    low_pass: float = 0.0  # the share of windows whose user audio is low-passed at 6-8 kHz (inference.augment)
     flow_text_turns: int | None = None  # give an ``init`` checkpoint's flow head this caption context (new weights)
     audio_context: int | None = None  # give the model an audio encoder hearing this many frames back (new weights)
     video_thumbnail: bool | None = None  # the first video slot: the frame's thumbnail (inference.video); None: as cfg
@@ -181,6 +186,17 @@ class Window:
         conv, unscored = late_replies(self.conv, share, generator)
         return Window(conv, self.start, self.length, frozenset(unscored))
 
+    def heard_live(self, shift: float, low_pass: float, lead: int, generator: torch.Generator) -> Window:
+        """This window with its user audio shifted against the micro-turn grid with probability ``shift``, and
+        low-passed with probability ``low_pass`` (:mod:`inference.augment`); ``lead``: the micro-turns before the
+        window that its audio encoder hears. Draws nothing for a probability of 0."""
+        conv = self.conv
+        if shift and float(torch.rand((), generator=generator)) < shift:
+            conv = shifted(conv, self.start, self.length, lead, generator)
+        if low_pass and float(torch.rand((), generator=generator)) < low_pass:
+            conv = low_passed(conv, self.start, self.length, lead, generator)
+        return dataclasses.replace(self, conv=conv)
+
 
 def _window(conv: Conversation, window: int, generator: torch.Generator) -> Window:
     length = min(window, conv.turns)
@@ -230,6 +246,10 @@ class Trainer:
                              f"--answer-windows, not {s.pause_windows} with {s.answer_windows}")
         if not 0.0 <= s.late_replies <= 1.0:
             raise ValueError(f"--late-replies is the share of replies said late, from 0 to 1, not {s.late_replies}")
+        for name in ("audio_shift", "low_pass"):
+            if not 0.0 <= getattr(s, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} is a share of the training windows, from 0 to 1, "
+                                 f"not {getattr(s, name)}")
         if s.listen_span < 1:
             raise ValueError(f"--listen-span is a number of micro-turns, at least 1, not {s.listen_span}")
         if s.listen_span > 1 and s.listen_at == "encoder":
@@ -349,6 +369,9 @@ class Trainer:
             windows.append(_window(self._conversation(path), self.s.window, self.data_gen))
         if self.s.late_replies:
             windows = [w.said_late(self.s.late_replies, self.data_gen) for w in windows]
+        if self.s.audio_shift or self.s.low_pass:
+            lead = -(-self.cfg.audio_context // self.cfg.frames_per_turn)
+            windows = [w.heard_live(self.s.audio_shift, self.s.low_pass, lead, self.data_gen) for w in windows]
         return self._windows(windows)
 
     def _windows(self, windows: list[Window]) -> TrainBatch:

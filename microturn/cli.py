@@ -122,7 +122,8 @@ def _train(args: argparse.Namespace) -> int:
                              parts=args.parts, decision_weight=args.decision_weight, pause_weight=args.pause_weight,
                              answer_weight=args.answer_weight, answer_windows=args.answer_windows,
                              answer_kinds=args.answer_kinds, pause_windows=args.pause_windows,
-                             late_replies=args.late_replies,
+                             late_replies=args.late_replies, audio_shift=args.audio_shift,
+                             low_pass=args.low_pass,
                              flow_text_turns=args.flow_text_turns, listen_weight=args.listen_weight,
                              audio_context=args.audio_context, listen_at=args.listen_at,
                              listen_span=args.listen_span, video_thumbnail=args.video_thumbnail,
@@ -301,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the share of the model's replies said one or two micro-turns late in the training "
                        "windows, the decision of the micro-turns they should have started in not scored: it teaches a "
                        "model that missed a reply's first micro-turn to start in the next ones (0: none)")
+    train.add_argument("--audio-shift", type=float, default=0.0,
+                       help="the share of training windows whose user audio is moved against the 200 ms grid by a "
+                       "random number of samples that keeps every label true, as the live path moves it "
+                       "(inference.augment; 0: none)")
+    train.add_argument("--low-pass", type=float, default=0.0,
+                       help="the share of training windows whose user audio goes through a random 6-8 kHz low-pass, "
+                       "as the live path's resamplers and codec thin its top band (inference.augment; 0: none)")
     train.add_argument("--listen-weight", type=float, default=0.0,
                        help="weight of a training-only probe that names the user's words in each micro-turn from "
                        "the trunk's state (inference.listen; 0: off)")
