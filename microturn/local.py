@@ -66,3 +66,15 @@ def stop(*procs: subprocess.Popen[bytes], timeout: float = 10) -> None:
         p.terminate()
     for p in running:
         p.wait(timeout)
+
+
+def end(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM ``proc`` and wait for it to drain; kill it if it has not ended within ``timeout``. For a process whose
+    work is done (an evaluation's own gateway): a session it still counts as live, whose peer's goodbye has not
+    reached it yet, would hold its drain and the caller's results for up to the drain timeout."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

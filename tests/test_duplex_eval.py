@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,22 @@ def test_answers_are_split_by_kind() -> None:
     assert summarise([ConversationScore(answers=answers[:2]), ConversationScore(answers=answers[2:])])[
         "answers_by_kind"] == {"arithmetic": {"n": 2, "audio": 0.5, "text": 1.0},
                                "visual": {"n": 1, "audio": 0.0, "text": 0.0}}
+
+
+def test_the_runner_kills_its_gateway_when_a_drain_would_hold_its_results() -> None:
+    """The runner ends its own gateway with :func:`microturn.local.end`: one that drains in time ends on SIGTERM; one
+    that does not (a session it still counts as live) is killed, instead of raising and losing a run's results."""
+    from microturn.local import end
+
+    procs = {}
+    for name, ignores in (("drains", False), ("held", True)):
+        code = ("import signal, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignores else "")
+                + "print('ready', flush=True)\ntime.sleep(60)")
+        procs[name] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        assert procs[name].stdout is not None and procs[name].stdout.readline() == b"ready\n"
+        end(procs[name], timeout=2)
+    assert procs["drains"].returncode == -signal.SIGTERM
+    assert procs["held"].returncode == -signal.SIGKILL
 
 
 async def test_the_runner_plays_conversations_time_aligned_through_webrtc_and_offline(tmp_path: Path) -> None:
