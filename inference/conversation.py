@@ -128,13 +128,18 @@ def late_replies(conv: Conversation, share: float, generator: torch.Generator) -
     return Conversation(meta, conv.user_audio, model_audio, conv.video, conv.camera), unscored
 
 
+def audio_lead(cfg: ModelConfig) -> int:
+    """The micro-turns before a window whose audio its first micro-turns' audio encoder hears."""
+    return -(-cfg.audio_context // cfg.frames_per_turn)
+
+
 def examples(conv: Conversation, cfg: ModelConfig, start: int = 0, length: int | None = None,
              unscored: Collection[int] = ()) -> list[TurnExample]:
     """Micro-turns ``[start, start + length)`` of ``conv`` as training examples (the queues run from turn 0); the
     micro-turns in ``unscored`` do not score their SPEAK/SILENT decision (see :func:`late_replies`)."""
     layout = TurnLayout.of(cfg)
     end = conv.turns if length is None else min(conv.turns, start + length)
-    lead = min(start, -(-cfg.audio_context // cfg.frames_per_turn))  # micro-turns before the window its audio hears
+    lead = min(start, audio_lead(cfg))
     microphone = dmel.DMelStream()  # the engine's own input features (dithered)
     heard = microphone.step(_turns(conv.user_audio[(start - lead) * MICRO_TURN_SAMPLES:end * MICRO_TURN_SAMPLES]))
     before = torch.zeros(cfg.audio_context, cfg.n_mels, dtype=torch.long)  # the silence before the call

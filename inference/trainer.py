@@ -60,7 +60,7 @@ from inference.augment import low_passed, shifted
 from inference.card_probe import CardProbe, draw_cards, shown
 from inference.checkpoint import load_checkpoint, load_config, save_checkpoint
 from inference.config import preset as get_preset
-from inference.conversation import Conversation, answers, conversations, examples, late_replies, pauses
+from inference.conversation import Conversation, answers, audio_lead, conversations, examples, late_replies, pauses
 from inference.layout import TurnLayout
 from inference.listen import ListenProbe, heard, vocabulary_of
 from inference.model import ReferenceNet
@@ -370,7 +370,7 @@ class Trainer:
         if self.s.late_replies:
             windows = [w.said_late(self.s.late_replies, self.data_gen) for w in windows]
         if self.s.audio_shift or self.s.low_pass:
-            lead = -(-self.cfg.audio_context // self.cfg.frames_per_turn)
+            lead = audio_lead(self.cfg)
             windows = [w.heard_live(self.s.audio_shift, self.s.low_pass, lead, self.data_gen) for w in windows]
         return self._windows(windows)
 

@@ -24,7 +24,7 @@ from inference.duplex_eval import Played, Recogniser, candidates, plot_timelines
 from inference.models import load_backend
 from microturn.client import ProbeClient
 from microturn.contracts import MICRO_TURN_SAMPLES, MicroTurn
-from microturn.local import end, free_port, serve
+from microturn.local import free_port, serve, stop
 from webrtc_gateway.ice import use_host_addresses
 from webrtc_gateway.resample import Decimator, Interpolator
 
@@ -170,7 +170,7 @@ def eval_duplex(checkpoint: Path | None, set_dir: Path, via: str = "offline", li
                 played.append(asyncio.run(play_webrtc(conv, f"http://127.0.0.1:{port}")))
                 print(f"\reval: {i + 1}/{len(convs)} conversations", end="", file=sys.stderr, flush=True)
         finally:
-            end(proc)
+            stop(proc, kill=True)
     else:
         raise ValueError(f"--via must be offline or webrtc, not {via!r}")
     print(file=sys.stderr)

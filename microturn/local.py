@@ -59,22 +59,19 @@ def worker(port: int, *args: str, worker_id: str | None = None) -> subprocess.Po
                   port)
 
 
-def stop(*procs: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM each of ``procs`` that still runs (gateways and workers drain on it), then wait for each."""
+def stop(*procs: subprocess.Popen[bytes], timeout: float = 10, kill: bool = False) -> None:
+    """SIGTERM each of ``procs`` that still runs (gateways and workers drain on it), then wait for each; one that has
+    not ended within ``timeout`` raises :class:`subprocess.TimeoutExpired`, or with ``kill`` is killed. ``kill`` is
+    for processes whose work is done (an evaluation's own gateway): a session it still counts as live, whose peer's
+    goodbye has not reached it yet, would hold its drain and the caller's results for up to the drain timeout."""
     running = [p for p in procs if p.poll() is None]
     for p in running:
         p.terminate()
     for p in running:
-        p.wait(timeout)
-
-
-def end(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM ``proc`` and wait for it to drain; kill it if it has not ended within ``timeout``. For a process whose
-    work is done (an evaluation's own gateway): a session it still counts as live, whose peer's goodbye has not
-    reached it yet, would hold its drain and the caller's results for up to the drain timeout."""
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            if not kill:
+                raise
+            p.kill()
+            p.wait()

@@ -109,9 +109,10 @@ def test_answers_are_split_by_kind() -> None:
 
 
 def test_the_runner_kills_its_gateway_when_a_drain_would_hold_its_results() -> None:
-    """The runner ends its own gateway with :func:`microturn.local.end`: one that drains in time ends on SIGTERM; one
-    that does not (a session it still counts as live) is killed, instead of raising and losing a run's results."""
-    from microturn.local import end
+    """The runner ends its own gateway with ``microturn.local.stop(kill=True)``: one that drains in time ends on
+    SIGTERM; one that does not (a session it still counts as live) is killed, instead of raising and losing a run's
+    results. Without ``kill`` the one that does not drain raises, as the tests that check a drain need."""
+    from microturn.local import stop
 
     procs = {}
     for name, ignores in (("drains", False), ("held", True)):
@@ -119,9 +120,17 @@ def test_the_runner_kills_its_gateway_when_a_drain_would_hold_its_results() -> N
                 + "print('ready', flush=True)\ntime.sleep(60)")
         procs[name] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
         assert procs[name].stdout is not None and procs[name].stdout.readline() == b"ready\n"
-        end(procs[name], timeout=2)
+        stop(procs[name], timeout=2, kill=True)
     assert procs["drains"].returncode == -signal.SIGTERM
     assert procs["held"].returncode == -signal.SIGKILL
+    held = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert held.stdout is not None and held.stdout.readline() == b"ready\n"
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            stop(held, timeout=0.5)
+    finally:
+        held.kill()
+        held.wait()
 
 
 async def test_the_runner_plays_conversations_time_aligned_through_webrtc_and_offline(tmp_path: Path) -> None:
