@@ -9,9 +9,11 @@ user's is the generator's exact labels. Metrics:
 
 - ``pause_tor``: of the user's mid-question pauses, the fraction in which the model takes the turn (starts speaking
   inside the pause). Lower is better.
-- ``turn_tor`` and ``turn_latency_s``: of the questions the user finishes, the fraction the model answers (starts
-  speaking within :data:`ANSWER_WINDOW_S` of the end and before the user speaks again), and the time from the end of
-  the user's speech to the start of the model's.
+- ``turn_tor`` and ``turn_latency_s``: of the questions the user finishes speaking, the fraction the model answers
+  (starts speaking within :data:`ANSWER_WINDOW_S` of the end and before the user speaks again), and the time from the
+  end of the user's speech to the start of the model's. ``typed_tor`` and ``typed_latency_s``: the same for typed
+  questions, timed from the micro-turn the text was sent in; they are apart because a typed question has no end of
+  speech, and its reply waits for the model to read the text (at most four bytes a micro-turn on ``tiny``).
 - ``interrupt_stop_s`` and ``interrupt_tor``: when the user talks over the model, how long the model's speech goes on
   after the user's onset; and the fraction of those interruptions whose new question the model then answers.
 - ``answer_acc_audio``: spoken answers recognised by pocketsphinx (en-us, shipped in its wheel), constrained to the
@@ -103,6 +105,9 @@ class ConversationScore:
     turns: int = 0
     turn_takeovers: int = 0
     turn_latencies: list[float] = field(default_factory=list)
+    typed_turns: int = 0
+    typed_takeovers: int = 0
+    typed_latencies: list[float] = field(default_factory=list)
     interruptions: int = 0
     interrupt_stops: list[float] = field(default_factory=list)
     interrupt_answers: int = 0
@@ -130,12 +135,20 @@ def score(meta: dict[str, Any], played: Played, recognise: Any = None) -> Conver
         end = int(q["end"])
         if q["kind"] == "greeting":
             continue
-        s.turns += 1
+        typed = q["kind"] == "typed"
+        if typed:
+            s.typed_turns += 1
+        else:
+            s.turns += 1
         horizon = min(end + int(ANSWER_WINDOW_S * SAMPLE_RATE), next_user_start(end))
         onset = _onset_in(model, end, horizon)
         if onset is not None and _active_until(model, end) is None:
-            s.turn_takeovers += 1
-            s.turn_latencies.append((onset - end) / SAMPLE_RATE)
+            if typed:
+                s.typed_takeovers += 1
+                s.typed_latencies.append((onset - end) / SAMPLE_RATE)
+            else:
+                s.turn_takeovers += 1
+                s.turn_latencies.append((onset - end) / SAMPLE_RATE)
         if q.get("interrupted"):
             continue  # the user cut the answer off: scored as an interruption, not as an answer
         answered_until = next_user_start(end)
@@ -179,6 +192,8 @@ def summarise(scores: list[ConversationScore]) -> dict[str, Any]:
         "pause_tor": _ratio(sum(s.pause_takeovers for s in scores), sum(s.pauses for s in scores)),
         "turn_tor": _ratio(sum(s.turn_takeovers for s in scores), sum(s.turns for s in scores)),
         "turn_latency_s": _pct([x for s in scores for x in s.turn_latencies]),
+        "typed_tor": _ratio(sum(s.typed_takeovers for s in scores), sum(s.typed_turns for s in scores)),
+        "typed_latency_s": _pct([x for s in scores for x in s.typed_latencies]),
         "interrupt_stop_s": _pct([x for s in scores for x in s.interrupt_stops]),
         "interrupt_tor": _ratio(sum(s.interrupt_answers for s in scores), sum(s.interruptions for s in scores)),
         "answer_acc_audio": _ratio(sum(a[2] for a in answers), len(answers)),

@@ -58,6 +58,25 @@ def test_turn_taking_pauses_and_latency() -> None:
     assert summary["n_conversations"] == 2 and summary["answer_acc_text"] == 0.25
 
 
+def test_typed_questions_are_timed_apart_from_spoken_ones() -> None:
+    """A typed question has no end of speech: its reply, which waits for the text to be read, is counted in
+    ``typed_tor`` / ``typed_latency_s`` and leaves the spoken turn-taking figures alone."""
+    meta = {
+        "user_speech": [[s(0.5), s(1.5)]],
+        "questions": [{"kind": "arithmetic", "end": s(1.5), "answer": "five", "answer_start": s(1.6)},
+                      {"kind": "typed", "end": s(3.0), "answer": "one two", "answer_start": s(4.0)},
+                      {"kind": "typed", "end": s(6.0), "answer": "one", "answer_start": s(7.0)}],
+    }
+    # answers the spoken question 0.3 s after its end, the first typed one 1.2 s after it was sent, not the second
+    got = score(meta, Played(tone(9.0, [(1.8, 2.4), (4.2, 4.8)])))
+    assert (got.turns, got.turn_takeovers, got.turn_latencies) == (1, 1, [pytest.approx(0.3, abs=0.02)])
+    assert (got.typed_turns, got.typed_takeovers, got.typed_latencies) == (2, 1, [pytest.approx(1.2, abs=0.02)])
+    summary = summarise([got])
+    assert summary["turn_tor"] == 1.0 and summary["turn_latency_s"]["p50"] == pytest.approx(0.3, abs=0.02)
+    assert summary["typed_tor"] == 0.5 and summary["typed_latency_s"]["p50"] == pytest.approx(1.2, abs=0.02)
+    assert len(got.answers) == 3  # answers are scored whichever way the question came
+
+
 def test_interruptions_stop_time_and_answer() -> None:
     meta = {
         "user_speech": [[s(0.5), s(1.0)], [s(2.0), s(2.8)]],
