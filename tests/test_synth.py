@@ -13,13 +13,15 @@ import pytest
 
 from inference.background.tools import Toolbox
 from inference.duplex_eval import Played, score, summarise
+from inference.synth import splits
 from inference.synth.cards import COLOURS, DIGITS, SHAPES, Card
 from inference.synth.noise import Noise
-from inference.synth.phrasing import TEMPLATES, number_words
+from inference.synth.phrasing import EDITIONS, TEMPLATES, number_words
 from inference.synth.scenarios import MARKED_PAUSES, SCENARIOS, Director
 from inference.synth.speech import speak
 from inference.synth.timeline import LATENCY_TURNS, STOP_TURNS, Timeline, text_cue
-from inference.synth.voices import MODEL_VOICE, Voice
+from inference.synth.voices import MODEL_VOICE, Voice, english_voices
+from inference.synth.voices import variants as voice_variants
 from inference.tokenizer import REQUEST_CLOSE, REQUEST_OPEN, RequestSpans
 from microturn.cli import main
 from microturn.eval_duplex import as_the_path_plays
@@ -385,8 +387,33 @@ def test_background_request_then_result_then_answer(convs: list[Conv]) -> None:
 def test_templates_and_number_words() -> None:
     texts = [t.text for kind in TEMPLATES.values() for t in kind]
     assert len(texts) == len(set(texts)) and all(len(kind) >= 3 for kind in TEMPLATES.values())
+    for kind in TEMPLATES.values():  # not even the same words with the pause elsewhere
+        said = [t.fill(a="six", op="plus", b="four", sym="+", n="five") for t in kind]
+        assert len(said) == len(set(said))
+    ids = [t.id for kind in TEMPLATES.values() for t in kind]
+    assert len(ids) == len(set(ids)) and all(t.id.startswith(f"{t.kind}.") for k in TEMPLATES.values() for t in k)
     assert [number_words(n) for n in (0, 12, 42, 100, 144)] == [
         "zero", "twelve", "forty two", "one hundred", "one hundred forty four"]
+
+
+def test_added_wordings_leave_every_earlier_template_in_its_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later edition of the wordings is dealt apart: every first-edition template stays in the split it had
+    before there were later editions, so models trained on earlier sets stay held out from the test split (at split
+    seed 0 these are the held-out wordings of every measurement in inference/README.md)."""
+    names, variants = english_voices(), voice_variants()
+    full = splits.Assignment.draw(0, names, variants)
+    monkeypatch.setattr(splits, "EDITIONS", EDITIONS[:1])
+    first = splits.Assignment.draw(0, names, variants)
+    first_ids = {t.id for kind in EDITIONS[0].values() for t in kind}
+    assert len(EDITIONS) > 1 and full.voices == first.voices
+    for split in splits.SPLITS:
+        assert set(full.phrasings(split)) & first_ids == set(first.phrasings(split))
+    held_out = {t.id for kind in full.templates["test"].values() for t in kind}
+    assert {"arithmetic.06", "counting.00", "statement.10", "statement.14"} <= held_out
+    added = {t.id for kind in EDITIONS[1].values() for t in kind}
+    for split in splits.SPLITS:  # each added kind has wordings of its own in every split
+        for kind in EDITIONS[1]:
+            assert any(t.id in added for t in full.templates[split][kind]), (split, kind)
 
 
 def test_synth_wants_an_empty_folder(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
 """Phrasing templates: the wordings a user speaks or types, each with a stable id, and number words.
 
 A template's id is ``KIND.NN`` (e.g. ``arithmetic.03``); :mod:`inference.synth.splits` gives each template to
-exactly one split, so a wording heard in test is never heard in training. Placeholders: ``{a}``, ``{op}``, ``{b}``
-(spoken arithmetic: number words and ``plus``/``minus``/``times``; typed arithmetic: digits and ``{sym}``),
-``{n}`` (counting). A ``|`` marks where a user may pause mid-question; it is dropped when the user does not pause.
-No two templates share a text.
+exactly one split, so a wording heard in test is never heard in training. Wordings come in editions
+(:data:`EDITIONS`): a later edition adds templates, numbered on from the earlier ones, and its templates are dealt
+to the splits apart from the earlier ones, so adding wordings moves no earlier template to another split (a model
+trained on an earlier edition's train split stays held out from the test split). Placeholders: ``{a}``, ``{op}``,
+``{b}`` (spoken arithmetic: number words and ``plus``/``minus``/``times``; typed arithmetic: digits and
+``{sym}``), ``{n}`` (counting). A ``|`` marks where a user may pause mid-question; it is dropped when the user does
+not pause. No two templates of a kind say the same words.
 """
 
 from __future__ import annotations
@@ -73,9 +76,48 @@ _TEXTS: dict[str, tuple[str, ...]] = {
                    "figure out {a} {op} {b} for me", "what would {a} {op} {b} be"),
 }
 
+_ADDED: dict[str, tuple[str, ...]] = {
+    # 2026-12-08: more ways to ask a sum, many pausing after its first number, to count, and more long statements.
+    # None contains a held-out wording of the first edition (split seed 0).
+    "arithmetic": ("what would {a} {op} | {b} be", "and {a} {op} | {b}?", "what's the answer to {a} | {op} {b}",
+                   "I'd like to know {a} | {op} {b}", "if you take {a} | {op} {b}, what is it",
+                   "help me with {a} | {op} {b}", "what does {a} {op} {b} | make", "so what is {a} | {op} {b}",
+                   "right, {a} {op} | {b} please", "what's {a} | {op} {b} then", "how about {a} {op} | {b}",
+                   "tell me the answer to {a} | {op} {b}", "can you do {a} | {op} {b}",
+                   "what comes out of {a} | {op} {b}"),
+    "counting": ("start counting | up to {n}", "give me a count | up to {n}", "count for me | up to {n}",
+                 "I want you to count | up to {n}", "can you do a count | up to {n}", "say the numbers | up to {n}",
+                 "count upwards | to {n}", "let me hear the numbers | up to {n}"),
+    "statement": (
+        "this morning the bus was late again so I had to walk",
+        "my brother just bought an old car that needs a lot of work",
+        "we have been planting tomatoes and beans in the back garden",
+        "the library near my house is closing for a few weeks",
+        "I started learning to play the piano last winter",
+        "our team lost the match on saturday but it was close",
+        "the children spent the whole afternoon building a tree house",
+        "I found a really good recipe for lemon cake",
+        "there is a new bakery on the corner of our street",
+        "my grandmother used to tell us stories about the sea",
+        "we are thinking about moving to a smaller flat",
+        "the train was so full that I had to stand all the way",
+        "I lost my keys twice this week",
+        "the concert in the park was much louder than I expected",
+        "next year I would like to learn how to swim properly",
+        "my phone stopped working after I dropped it in the snow",
+    ),
+}
+
+EDITIONS: tuple[dict[str, tuple[Template, ...]], ...] = (
+    {kind: tuple(Template(f"{kind}.{i:02d}", kind, text) for i, text in enumerate(texts))
+     for kind, texts in _TEXTS.items()},
+    {kind: tuple(Template(f"{kind}.{i:02d}", kind, text) for i, text in enumerate(texts, start=len(_TEXTS[kind])))
+     for kind, texts in _ADDED.items()},
+)
+"""The templates of each edition, by kind: the first edition, then the wordings added on 2026-12-08."""
+
 TEMPLATES: dict[str, tuple[Template, ...]] = {
-    kind: tuple(Template(f"{kind}.{i:02d}", kind, text) for i, text in enumerate(texts))
-    for kind, texts in _TEXTS.items()
+    kind: tuple(t for edition in EDITIONS for t in edition.get(kind, ())) for kind in _TEXTS
 }
 """Every template, by kind."""
 

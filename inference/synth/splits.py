@@ -6,8 +6,10 @@ made with other seeds share their held-out voices and phrasings.
 
 - Voices are split by variant: each espeak-ng variant (with every English voice name) belongs to one split, so a
   test voice (``name+variant``) is never heard in validation or training — nor is its timbre under another accent.
-- Templates are split per kind (:data:`~inference.synth.phrasing.TEMPLATES`): each kind gives ``round(12 %)`` (at
-  least one) of its templates to test, as many to validation, the rest to train.
+- Templates are split per kind and per edition (:data:`~inference.synth.phrasing.EDITIONS`): each kind gives
+  ``round(12 %)`` (at least one) of an edition's templates to test, as many to validation, the rest to train. The
+  first edition is dealt as it was before later editions existed, and each later one from a stream of its own, so
+  added wordings leave every earlier template in its split.
 - Conversations are dealt to splits in blocks of ten (8 train, 1 validation, 1 test, in a seeded order per block),
   so even a tiny set has every split.
 """
@@ -20,7 +22,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from inference.synth.phrasing import TEMPLATES, Template
+from inference.synth.phrasing import EDITIONS, Template
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT = 0.12
@@ -43,10 +45,14 @@ class Assignment:
         rng = np.random.default_rng([seed, 0])
         by_variant = _deal(rng, sorted(variants))
         voices = {split: tuple((n, v) for v in sorted(by_variant[split]) for n in sorted(names)) for split in SPLITS}
-        templates: dict[str, dict[str, tuple[Template, ...]]] = {split: {} for split in SPLITS}
-        for kind, kind_templates in TEMPLATES.items():
-            for split, dealt in _deal(rng, kind_templates).items():
-                templates[split][kind] = tuple(sorted(dealt, key=lambda t: t.id))
+        dealt: dict[str, dict[str, list[Template]]] = {split: {} for split in SPLITS}
+        for edition, kinds in enumerate(EDITIONS):
+            edition_rng = rng if edition == 0 else np.random.default_rng([seed, 0, edition])
+            for kind, kind_templates in kinds.items():
+                for split, share in _deal(edition_rng, kind_templates).items():
+                    dealt[split].setdefault(kind, []).extend(share)
+        templates = {split: {kind: tuple(sorted(share, key=lambda t: t.id)) for kind, share in kinds.items()}
+                     for split, kinds in dealt.items()}
         return cls(voices, templates)
 
     def phrasings(self, split: str) -> list[str]:
