@@ -133,17 +133,19 @@ def test_the_runner_kills_its_gateway_when_a_drain_would_hold_its_results() -> N
     results. Without ``kill`` the one that does not drain raises, as the tests that check a drain need."""
     from microturn.local import stop
 
-    procs = {}
-    for name, ignores in (("drains", False), ("held", True)):
-        code = ("import signal, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignores else "")
+    def started(ignores_sigterm: bool) -> subprocess.Popen[bytes]:
+        code = ("import signal, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignores_sigterm else "")
                 + "print('ready', flush=True)\ntime.sleep(60)")
-        procs[name] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-        assert procs[name].stdout is not None and procs[name].stdout.readline() == b"ready\n"
-        stop(procs[name], timeout=2, kill=True)
-    assert procs["drains"].returncode == -signal.SIGTERM
-    assert procs["held"].returncode == -signal.SIGKILL
-    held = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    assert held.stdout is not None and held.stdout.readline() == b"ready\n"
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        return proc
+
+    drains, held = started(False), started(True)
+    stop(drains, timeout=2, kill=True)
+    stop(held, timeout=2, kill=True)
+    assert drains.returncode == -signal.SIGTERM
+    assert held.returncode == -signal.SIGKILL
+    held = started(True)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             stop(held, timeout=0.5)
